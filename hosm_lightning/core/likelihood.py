@@ -41,8 +41,34 @@ def _check_solver(sde: SDE, eps: float, rtol: float, atol: float) -> None:
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
 
 
+#: torchdiffeq's adaptive Runge-Kutta solvers (they accept the ``step_t`` option)
+_ADAPTIVE_RK = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _solver_options(method: str, options: dict | None, end: Tensor) -> dict | None:
+    """Keep the solver from stepping past the last time in ``times``.
+
+    torchdiffeq's adaptive RK solvers step beyond the final output time and interpolate back, so
+    the drift would be evaluated outside [eps, T] -- at t < 0 when sampling down to eps, where the
+    VP/subVP sigma(t)^2 is negative (NaN score, 'underflow in dt'). A forced step boundary at the
+    end time (``step_t``) keeps every evaluation inside the interval.
+    """
+    if method not in _ADAPTIVE_RK or (options is not None and "step_t" in options):
+        return options
+    return {**(options or {}), "step_t": end.reshape(1)}
+
+
+def _clamp_time(t: Tensor, lo: float, hi: float) -> Tensor:
+    """Keep evaluation times inside [eps, T]: torchdiffeq's initial step-size heuristic probes
+    f(t0 + h0) with an h0 that can lie far outside the interval (t = 6.4 was seen with an
+    untrained VE net, where sigma(t) overflows)."""
+    return t.clamp(lo, hi)
+
+
 def _divergence(h: Tensor, x: Tensor, mode: str, v: Tensor | None) -> Tensor:
     """∇·h per sample [B]: exact trace of ∂h/∂x, or vᵀ (∂h/∂x) v."""
+    if not h.requires_grad:  # h does not depend on x (e.g. a constant score under VE): ∇·h = 0
+        return torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
     if mode == "hutchinson":
         (g,) = torch.autograd.grad((h * v).sum(), x)
         return (g * v).flatten(1).sum(1)
@@ -96,7 +122,7 @@ def ode_log_likelihood(
     def func(t: Tensor, state):
         nfe[0] += 1
         xs = state[0]
-        tt = t.to(xs.dtype).expand(b)
+        tt = _clamp_time(t, eps, sde.T).to(xs.dtype).expand(b)
         with torch.enable_grad():
             xs = xs.detach().requires_grad_(True)
             s = check_score_output(score_fn(xs, tt), xs)
@@ -108,7 +134,8 @@ def ode_log_likelihood(
     times = torch.tensor([eps, sde.T], dtype=torch.float64, device=x.device)
     with torch.no_grad():
         state0 = (x.detach(), torch.zeros(b, dtype=x.dtype, device=x.device))
-        xs, delta = odeint(func, state0, times, rtol=rtol, atol=atol, method=method, options=options)
+        opts = _solver_options(method, options, times[-1])
+        xs, delta = odeint(func, state0, times, rtol=rtol, atol=atol, method=method, options=opts)
     x_T, delta = xs[-1], delta[-1]
     prior = sde.prior_logp(x_T)
     info = {"nfe": nfe[0], "x_T": x_T, "delta_logp": delta, "prior_logp": prior, "seconds": time.perf_counter() - start}
@@ -151,13 +178,14 @@ def ode_sample(
 
     def func(t: Tensor, xs: Tensor) -> Tensor:
         nfe[0] += 1
-        tt = t.to(xs.dtype).expand(b)
+        tt = _clamp_time(t, eps, sde.T).to(xs.dtype).expand(b)
         return sde.pf_drift(xs, tt, check_score_output(score_fn(xs, tt), xs))
 
     start = time.perf_counter()
     times = torch.tensor([sde.T, eps], dtype=torch.float64, device=x_T.device)
     with torch.no_grad():
-        x = odeint(func, x_T, times, rtol=rtol, atol=atol, method=method, options=options)[-1]
+        opts = _solver_options(method, options, times[-1])
+        x = odeint(func, x_T, times, rtol=rtol, atol=atol, method=method, options=opts)[-1]
         if denoise:
             tt = torch.full((b,), eps, dtype=x.dtype, device=x.device)
             a, sigma = sde.marginal(tt)
@@ -179,7 +207,9 @@ def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
             raise ValueError(f"float images must lie in [0, 1] (k/255); got range [{float(x.min()):.3g}, {float(x.max()):.3g}]")
         k = torch.round(x.float() * 255)
     u = torch.rand(x.shape, generator=generator, device=x.device)
-    return (k + u) / 256
+    y = (k + u) / 256
+    # in float32, k + u rounds up to k + 1 when u > 1 - 2^-17 (k >= 128): keep y inside [k/256, (k+1)/256)
+    return torch.minimum(y, torch.nextafter((k + 1) / 256, torch.zeros_like(y)))
 
 
 def nats_to_bpd(logp: Tensor, dim: int, centered: bool) -> Tensor:

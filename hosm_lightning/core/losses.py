@@ -100,7 +100,7 @@ def _exact_derivs(score_fn, x, t, need_grad_tr):
     return s, jac, tr, grad_tr
 
 
-def _exact_terms(s, jac, tr, grad_tr, z, sigma, d, order, form):
+def _exact_terms(s, jac, tr, grad_tr, z, sigma, d, order):
     c = z + sigma[:, None] * s.detach()
     sig2 = (sigma**2)[:, None, None]
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
@@ -117,7 +117,7 @@ def _exact_terms(s, jac, tr, grad_tr, z, sigma, d, order, form):
             - (sigma**2 * tr.detach() + d)[:, None] * c
             - 2 * ((sigma**2)[:, None] * jc + c)
         )
-        out["dsm3"] = r.pow(2).sum(1) / d**3
+        out["dsm3"], out["r"] = r.pow(2).sum(1) / d**3, r.detach()
     return out
 
 
@@ -150,7 +150,7 @@ def dsm_losses(
         dsm2_form: 'both' (Frobenius + trace, as the reference image code), 'frobenius' or 'trace'.
         importance: draw t from p(t) ∝ g²/σ² (VP/subVP) instead of U(eps, T).
         t, z, v: optional pre-drawn times [B], noise (shape of x0), probe (shape of x0).
-        return_info: also return a dict with t, sigma and the two dsm2 forms.
+        return_info: also return a dict with t, sigma, the two dsm2 forms and (order 3) the residual r.
 
     Returns:
         ``{'dsm1': [B], 'dsm2': [B], 'dsm3': [B]}`` up to ``order`` (dimensionless, per sample),
@@ -173,7 +173,7 @@ def dsm_losses(
         zf, sigf = z.float().flatten(1), sigma.float()
         if mode == "exact":
             s, jac, tr, grad_tr = _exact_derivs(score_fn, xt, t.float(), order == 3)
-            terms = _exact_terms(s, jac, tr, grad_tr, zf, sigf, d, order, dsm2_form)
+            terms = _exact_terms(s, jac, tr, grad_tr, zf, sigf, d, order)
         else:
             if v is None:
                 v = rademacher(x0.shape, xt, generator)
@@ -183,10 +183,12 @@ def dsm_losses(
             s, jv, vf = s.flatten(1), jv.flatten(1), v.float().flatten(1)
             terms = _probe_terms(s, jv, vf, xt, zf, sigf, d, order)
     losses = {"dsm1": (sigf[:, None] * s + zf).pow(2).mean(1)}
-    fro, tr2 = terms.pop("dsm2_fro"), terms.pop("dsm2_tr")
+    fro, tr2, r = terms.pop("dsm2_fro"), terms.pop("dsm2_tr"), terms.pop("r", None)
     losses["dsm2"] = {"both": fro + tr2, "frobenius": fro, "trace": tr2}[dsm2_form]
     losses.update(terms)
     info.update(dsm2_fro=fro.detach(), dsm2_tr=tr2.detach())
+    if r is not None:
+        info["r"] = r  # third-order residual [B, D] (detached), E[r | x_t] = 0 at the truth
     return (losses, info) if return_info else losses
 
 
@@ -209,5 +211,5 @@ def _probe_terms(s, jv, v, x, z, sigma, d, order):
             - (sig2 * vjv_sg + d)[:, None] * c
             - 2 * cv[:, None] * (sig2[:, None] * jv_sg + v)
         )
-        out["dsm3"] = r.pow(2).sum(1) / d**3
+        out["dsm3"], out["r"] = r.pow(2).sum(1) / d**3, r.detach()
     return out

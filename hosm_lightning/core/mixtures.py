@@ -161,7 +161,7 @@ class GaussianMixture:
 def paper_mog1d() -> GaussianMixture:
     """The paper's 1-D mixture (Fig. 1): means [-2,-6,4]/7, variances [0.1,0.1,1]/49, weights [.3,.3,.4]."""
     return GaussianMixture(
-        means=torch.tensor([-2.0, -6.0, 4.0]) / 7,
-        variances=torch.tensor([0.1, 0.1, 1.0]) / 49,
+        means=torch.tensor([-2.0, -6.0, 4.0], dtype=torch.float64) / 7,
+        variances=torch.tensor([0.1, 0.1, 1.0], dtype=torch.float64) / 49,
         weights=[0.3, 0.3, 0.4],
     )

@@ -1,0 +1,212 @@
+"""LightningCLI: ``fit``/``validate``/``test`` plus ``sample`` and ``likelihood`` subcommands.
+
+    python cli.py fit --config configs/mog1d.yaml
+    python cli.py test --config configs/mog1d.yaml --ckpt_path runs/mog1d/.../last.ckpt
+    python cli.py sample --config configs/mog1d.yaml --ckpt_path ... --num_samples 5000
+    python cli.py likelihood --config configs/mog1d.yaml --ckpt_path ... --split test
+
+Custom subcommands are methods of :class:`HOSMTrainer`; their arguments become CLI flags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import LightningCLI
+from tqdm.auto import tqdm
+
+from .core.likelihood import ode_sample
+from .core.seeding import make_generator
+from .lit.module import HOSMModule, check_signature
+
+__all__ = ["HOSMTrainer", "HOSMCLI", "main", "run_cli", "load_weights"]
+
+
+def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
+    """Load a Lightning checkpoint's ``state_dict`` (the EMA weights when EMA was on) into ``model``.
+
+    Loads with ``weights_only=True`` (checkpoints are untrusted); raises a ValueError naming the
+    file and the first missing/unexpected keys if it does not fit the model.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass --ckpt_path <file.ckpt>")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling error, truncated file, ...
+        raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {err}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' key)")
+    check_signature(ckpt, model.model_signature(), f"checkpoint {path}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in ckpt["state_dict"]]
+    unexpected = [k for k in ckpt["state_dict"] if k not in own]
+    shapes = [
+        f"{k}: {tuple(v.shape)} in file vs {tuple(own[k].shape)}"
+        for k, v in ckpt["state_dict"].items() if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {path} does not match the configured model: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:3]}; "
+            "use the model section of the config the checkpoint was trained with"
+        )
+    model.load_state_dict(ckpt["state_dict"])
+    return ckpt
+
+
+class HOSMTrainer(L.Trainer):
+    """Trainer with the ``sample`` and ``likelihood`` subcommands."""
+
+    def _prepare(self, model: HOSMModule, ckpt_path):
+        if ckpt_path is not None:
+            load_weights(model, ckpt_path)
+        device = self.strategy.root_device
+        return model.to(device).eval(), device
+
+    def _out_dir(self, out_dir, name: str) -> Path:
+        out = Path(out_dir) if out_dir else Path(self.default_root_dir) / name
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def sample(
+        self,
+        model: HOSMModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        num_samples: int = 1000,
+        batch_size: int = 1000,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        seed: int = 0,
+        out_dir: str | None = None,
+    ) -> Path:
+        """Draw probability-flow ODE samples; write samples.npz and a PNG (grid / histogram / scatter)."""
+        from .lit.plots import image_grid, samples_figure, save_figure  # matplotlib only when needed
+
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError("--num_samples and --batch_size must be positive")
+        model, device = self._prepare(model, ckpt_path)
+        shape = tuple(getattr(datamodule, "image_shape", None) or (getattr(datamodule, "dim", None) or model.net.dim,))
+        chunks, nfes, start = [], [], time.perf_counter()
+        for i in tqdm(range(0, num_samples, batch_size), desc="sampling", unit="batch"):
+            n = min(batch_size, num_samples - i)
+            gen = make_generator(seed, "sample", i, device=device)  # per-chunk seeds: independent of batching order
+            x, info = ode_sample(model.score_model, model.sde, (n, *shape), rtol=rtol, atol=atol, generator=gen, device=device)
+            chunks.append(x.cpu())
+            nfes.append(info["nfe"])
+        samples = torch.cat(chunks)
+        out = self._out_dir(out_dir, "samples")
+        np.savez(out / "samples.npz", samples=samples.numpy(), nfe=np.array(nfes))
+        if len(shape) == 3:
+            import torchvision
+
+            torchvision.io.write_png(image_grid(samples[:64], model.data_centered), str(out / "samples.png"))
+        else:
+            data = getattr(datamodule, "mixture", None)
+            ref = data.sample(num_samples) if data is not None else None
+            save_figure(samples_figure(samples, ref), out / "samples.png")
+        secs = time.perf_counter() - start
+        print(f"wrote {num_samples} samples to {out}/samples.npz and samples.png (mean NFE {np.mean(nfes):.0f}, {secs:.1f} s)")
+        return out
+
+    def likelihood(
+        self,
+        model: HOSMModule,
+        datamodule: L.LightningDataModule,
+        ckpt_path: str | None = None,
+        split: str = "test",
+        num_repeats: int = 1,
+        max_batches: int | None = None,
+        out_dir: str | None = None,
+    ) -> dict:
+        """Exact ODE NLL (nats) or bits/dim of a data split; prints a table with NFE and time."""
+        if split not in ("val", "test"):
+            raise ValueError(f"--split must be 'val' or 'test', got {split!r}")
+        model, device = self._prepare(model, ckpt_path)
+        datamodule.setup("validate" if split == "val" else "test")
+        loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+        values, nfes, start = [], [], time.perf_counter()
+        for rep in range(num_repeats):
+            for i, batch in enumerate(tqdm(loader, desc=f"{split} likelihood (repeat {rep + 1}/{num_repeats})")):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
+                gen = make_generator(model.seed, "likelihood", split, rep, i, device=device)
+                if x.dtype == torch.uint8:
+                    val, info = model.bits_per_dim(x, gen)
+                else:
+                    logp, info = model.log_likelihood(x, gen)
+                    val = -logp
+                values.append(val.cpu())
+                nfes.append(info["nfe"])
+        vals = torch.cat(values).double()
+        unit = "bpd" if getattr(datamodule, "image_shape", None) else "nll"
+        res = {
+            "split": split, "metric": unit, "n": len(vals), "mean": vals.mean().item(),
+            "se": (vals.std() / math.sqrt(len(vals))).item() if len(vals) > 1 else float("nan"),
+            "nfe": float(np.mean(nfes)), "seconds": time.perf_counter() - start,
+            "entropy": getattr(datamodule, "entropy", None),
+        }
+        _print_table(res)
+        out = self._out_dir(out_dir, "likelihood")
+        (out / f"{split}_{unit}.json").write_text(json.dumps(res, indent=2))
+        return res
+
+
+def _print_table(res: dict) -> None:
+    unit = "bits/dim" if res["metric"] == "bpd" else "nats"
+    print(f"\n| split | N | {res['metric']} ({unit}) | ± s.e. | exact entropy | gap | NFE | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    ent = res["entropy"]
+    gap = f"{res['mean'] - ent:.4f}" if ent is not None else "n/a"
+    ent_s = f"{ent:.4f}" if ent is not None else "n/a"
+    print(f"| {res['split']} | {res['n']} | {res['mean']:.4f} | {res['se']:.4f} | {ent_s} | {gap} | {res['nfe']:.0f} | {res['seconds']:.1f} |")
+
+
+class HOSMCLI(LightningCLI):
+    """LightningCLI with ``sample`` and ``likelihood``; omegaconf parser mode (YAML interpolation)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "sample": {"model", "datamodule"},
+            "likelihood": {"model", "datamodule"},
+        }
+
+
+def main(args=None, run: bool = True) -> HOSMCLI:
+    torch.set_float32_matmul_precision("high")
+    return HOSMCLI(
+        HOSMModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        trainer_class=HOSMTrainer,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def run_cli() -> None:
+    """Console entry point: user errors (bad config values, missing data, wrong checkpoint)
+    print one clear line instead of a traceback; set HOSM_DEBUG=1 to see the traceback."""
+    import os
+    import sys
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        if os.environ.get("HOSM_DEBUG"):
+            raise
+        print(f"hosm-lightning: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,249 @@
+"""LightningModule: a score network trained with a staged 1st/2nd/3rd-order DSM objective.
+
+total = dsm1 + lambda2 dsm2 + lambda3 dsm3 (batch means of the per-sample terms of
+:func:`hosm_lightning.core.losses.dsm_losses`), with the order taken from the stage active at the
+current optimizer step. Validation reports held-out DSM terms and, when enabled, the exact ODE
+likelihood; test reports ``test/nll`` (nats, low-D data) or ``test/bpd`` (8-bit images).
+The math lives in ``hosm_lightning.core``; this layer composes, weights and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from ..core.likelihood import bits_per_dim, ode_log_likelihood
+from ..core.losses import DSM2_FORMS, dsm_losses, resolve_divergence
+from ..core.sde import SDE, VESDE
+from ..core.seeding import make_generator
+from ..nets.score import ScoreModel
+from .stages import Stage, stage_at, validate_stages
+
+__all__ = ["HOSMModule"]
+
+
+def _batch_tensor(batch) -> Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class HOSMModule(L.LightningModule):
+    """Score-based diffusion ODE trained by high-order DSM (Lu et al. 2022).
+
+    Args:
+        net: the network (``class_path``/``init_args``); called as ``net(x, t)``.
+        sde: forward SDE (default ``VESDE()``, the paper's toy setting).
+        parameterization: 'eps' (s = -net/sigma) or 'score' (s = net).
+        stages: schedule of DSM orders, e.g. ``[{order: 1, steps: 2000}, {order: 3}]``.
+        lambda2, lambda3: weights of dsm2 and dsm3 (reference image code 1, 1; toy code 0.5, 0.1).
+        eps: smallest training time (default: the SDE's, 1e-5 VE/VP, 1e-2 subVP).
+        divergence: 'auto' | 'exact' | 'hutchinson' for the high-order derivatives.
+        dsm2_form: 'both' | 'frobenius' | 'trace'.
+        importance_sampling: t ~ p(t) ∝ g²/σ² (VP/subVP) instead of U(eps, T).
+        optimizer: optimizer factory (LightningCLI ``class_path``), default Adam.
+        warmup_steps: linear learning-rate warmup over this many optimizer steps.
+        seed: base seed; each rank/step derives its own generator from (seed, rank, step).
+        data_centered: image data scaled to [-1, 1] (True) or [0, 1] (False) for the model.
+        val_likelihood: compute the exact ODE NLL (or bpd for images) in validation.
+        likelihood_rtol, likelihood_atol: ODE solver tolerances for validation/test likelihoods.
+        check_finite: stop with a clear error on a non-finite loss (one host sync per step).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sde: SDE | None = None,
+        parameterization: str = "eps",
+        stages: list[Stage] | None = None,
+        lambda2: float = 1.0,
+        lambda3: float = 1.0,
+        eps: float | None = None,
+        divergence: str = "auto",
+        dsm2_form: str = "both",
+        importance_sampling: bool = False,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        data_centered: bool = True,
+        val_likelihood: bool = True,
+        likelihood_rtol: float = 1e-5,
+        likelihood_atol: float = 1e-5,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "sde", "optimizer"])
+        self.sde = sde if sde is not None else VESDE()
+        self.stages = validate_stages(stages if stages is not None else [Stage(order=1)])
+        self.hparams["stages"] = [dataclasses.asdict(st) for st in self.stages]  # plain data: weights_only loads
+        self.eps = self.sde.default_eps if eps is None else eps
+        _check_config(self.eps, lambda2, lambda3, divergence, dsm2_form, warmup_steps, likelihood_rtol, likelihood_atol)
+        self.score_model = ScoreModel(net, self.sde, parameterization)
+        self.lambda2, self.lambda3 = float(lambda2), float(lambda3)
+        self.divergence, self.dsm2_form, self.importance = divergence, dsm2_form, importance_sampling
+        self.optimizer_factory, self.warmup_steps, self.seed = optimizer, warmup_steps, seed
+        self.data_centered, self.val_likelihood, self.check_finite = data_centered, val_likelihood, check_finite
+        self.ode_kwargs = {"eps": self.eps, "rtol": likelihood_rtol, "atol": likelihood_atol}
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def net(self) -> nn.Module:
+        """The raw network (registered once, under ``score_model.net``)."""
+        return self.score_model.net
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """The score s_theta(x, t)."""
+        return self.score_model(x, t)
+
+    def generator(self, *tag) -> torch.Generator:
+        """Generator derived from (seed, global rank, *tag) on this module's device."""
+        return make_generator(self.seed, self.global_rank, *tag, device=self.device)
+
+    def current_stage(self) -> tuple[int, Stage]:
+        return stage_at(self.stages, self.global_step)
+
+    def to_model_range(self, x: Tensor) -> Tensor:
+        """uint8 images → floats k/255 in [0, 1] or [-1, 1]; other data unchanged."""
+        if x.dtype != torch.uint8:
+            return x
+        x = x.float() / 255
+        return 2 * x - 1 if self.data_centered else x
+
+    def _losses(self, x0: Tensor, order: int, generator) -> dict[str, Tensor]:
+        per_sample = dsm_losses(
+            self.score_model, x0, self.sde, order=order, eps=self.eps, generator=generator,
+            divergence=self.divergence, dsm2_form=self.dsm2_form, importance=self.importance,
+        )
+        means = {k: v.mean() for k, v in per_sample.items()}
+        weights = {"dsm1": 1.0, "dsm2": self.lambda2, "dsm3": self.lambda3}
+        means["loss"] = sum(weights[k] * means[k] for k in per_sample)
+        return means
+
+    def log_likelihood(self, x: Tensor, generator=None) -> tuple[Tensor, dict]:
+        """Exact ODE log-likelihood (nats) on the unwrapped score model (never the DDP wrapper)."""
+        return ode_log_likelihood(self.score_model, self.sde, x, generator=generator, **self.ode_kwargs)
+
+    def bits_per_dim(self, x: Tensor, generator=None) -> tuple[Tensor, dict]:
+        """bits/dim of uint8 images with uniform dequantization."""
+        fn = functools.partial(ode_log_likelihood, self.score_model, self.sde, generator=generator, **self.ode_kwargs)
+        return bits_per_dim(fn, x, centered=self.data_centered, generator=generator)
+
+    # -- setup checks ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_dim, net_dim = getattr(dm, "dim", None), getattr(self.net, "dim", None)
+        if data_dim is not None and net_dim is not None and data_dim != net_dim:
+            raise ValueError(
+                f"data dimension {data_dim} does not match the network dimension {net_dim}: "
+                "set model.net.init_args.dim to the data's dimension"
+            )
+        centered = getattr(dm, "centered", None)
+        if centered is not None and centered != self.data_centered:
+            raise ValueError(
+                f"data.init_args.centered={centered} but model.data_centered={self.data_centered}: "
+                "set both to the same value"
+            )
+
+    def model_signature(self) -> dict:
+        """What a checkpoint's weights mean: SDE and parameterisation (checked when loading)."""
+        return {"sde": repr(self.sde), "parameterization": self.score_model.parameterization}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hosm_signature"] = self.model_signature()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_signature(checkpoint, self.model_signature(), "the checkpoint")
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x0 = self.to_model_range(_batch_tensor(batch))
+        idx, stage = self.current_stage()
+        out = self._losses(x0, stage.order, self.generator("train", self.global_step))
+        if self.check_finite and not torch.isfinite(out["loss"]):
+            bad = [k for k, v in out.items() if k != "loss" and not torch.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} (stage {idx}, order {stage.order}): "
+                f"term(s) {', '.join(bad) or 'loss'} are NaN/Inf. Training stopped before the update, so "
+                "checkpoints already written keep finite weights; lower the learning rate, raise eps or "
+                "check the data, then resume with --ckpt_path last."
+            )
+        bs = x0.shape[0]
+        for k, v in out.items():
+            self.log(f"train/{k}", v, batch_size=bs, prog_bar=k == "loss")
+        self.log("train/order", float(stage.order), batch_size=bs)
+        self.log("train/stage", float(idx), batch_size=bs)
+        return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.parameters())
+        if self.warmup_steps <= 0:
+            return opt
+        warm = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x = _batch_tensor(batch)
+        xm = self.to_model_range(x)
+        bs = x.shape[0]
+        order = self.current_stage()[1].order  # the objective being trained right now
+        with torch.inference_mode(False), torch.enable_grad():
+            out = self._losses(xm.clone(), order, self.generator("val", batch_idx))
+        for k, v in out.items():
+            self.log(f"val/{k}", v.detach(), batch_size=bs, sync_dist=True)
+        if self.val_likelihood:
+            self._log_likelihood("val", x, self.generator("val-ll", batch_idx))
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._log_likelihood("test", _batch_tensor(batch), self.generator("test", batch_idx))
+
+    def _log_likelihood(self, split: str, x: Tensor, generator) -> None:
+        bs = x.shape[0]
+        with torch.inference_mode(False):
+            x = x.clone()
+            if x.dtype == torch.uint8:
+                bpd, info = self.bits_per_dim(x, generator)
+                self.log(f"{split}/bpd", bpd.mean(), batch_size=bs, sync_dist=True)
+            else:
+                logp, info = self.log_likelihood(x, generator)
+                nll = -logp.mean()
+                self.log(f"{split}/nll", nll, batch_size=bs, sync_dist=True)
+                entropy = getattr(getattr(self.trainer, "datamodule", None), "entropy", None)
+                if entropy is not None:
+                    self.log(f"{split}/nll_gap", nll - entropy, batch_size=bs, sync_dist=True)
+        self.log(f"{split}/nfe", float(info["nfe"]), batch_size=bs, sync_dist=True)
+
+
+def check_signature(checkpoint: dict, expected: dict, where: str) -> None:
+    """Raise if a checkpoint was trained with another SDE / parameterisation than configured."""
+    saved = checkpoint.get("hosm_signature")
+    if saved is not None and saved != expected:
+        raise ValueError(
+            f"{where} was trained with {saved} but the configuration says {expected}: "
+            "use the model section of the config it was trained with"
+        )
+
+
+def _check_config(eps, lambda2, lambda3, divergence, dsm2_form, warmup_steps, rtol, atol) -> None:
+    if not (0.0 < eps < 1.0):
+        raise ValueError(f"model.eps must lie in (0, 1), got {eps!r}")
+    for name, lam in (("lambda2", lambda2), ("lambda3", lambda3)):
+        if lam < 0:
+            raise ValueError(f"model.{name} must be >= 0, got {lam!r}")
+    resolve_divergence(divergence, 1)
+    if dsm2_form not in DSM2_FORMS:
+        raise ValueError(f"model.dsm2_form must be one of {DSM2_FORMS}, got {dsm2_form!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps!r}")
+    if not (rtol > 0 and atol > 0):
+        raise ValueError("model.likelihood_rtol and likelihood_atol must be positive")
