@@ -5,7 +5,7 @@ One step = ``dsm_losses`` → loss = mean_B(dsm1 + 0.5 dsm2 + 0.1 dsm3) → ``lo
 
 * ``mlp``  — the paper's toy score net (DESIGN.md §5) on 2-D data, VESDE, batch 5000,
   divergence 'exact' and 'hutchinson';
-* ``conv`` — a small 3-layer conv net on 3×32×32, VPSDE, batch 8, 'hutchinson',
+* ``conv`` — ``SmallConvNet`` (32 channels, 2 blocks) on 3×32×32, VPSDE, batch 8, 'hutchinson',
   eps-parameterisation s = -net(x, t)/σ(t).
 
 Each worker first runs one un-timed priming step on 2 samples (one-time initialisation).
@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures as cf
 import datetime
 import gc
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -37,105 +36,34 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
-try:
-    from hosm_lightning.core.losses import dsm_losses
-    from hosm_lightning.core.sde import VESDE, VPSDE
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from hosm_lightning.core.losses import dsm_losses
-    from hosm_lightning.core.sde import VESDE, VPSDE
+from hosm_lightning.core.losses import dsm_losses
+from hosm_lightning.core.sde import VESDE, VPSDE
+from hosm_lightning.nets import ScoreModel, SmallConvNet, ToyScoreNet
 
 LAMBDA2, LAMBDA3 = 0.5, 0.1  # reference toy weights (DESIGN.md §3)
 ORDERS = (1, 2, 3)
 
 
-# ---------------------------------------------------------------------------------------------
-# networks
-# ---------------------------------------------------------------------------------------------
-def sinusoidal(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
-    """Sinusoidal embedding of raw t [B] → [B, dim]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=t.dtype) / (half - 1))
-    arg = t[:, None] * freqs[None]
-    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
-
-
-def mlp(*widths: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
-
-
-class ToyNet(nn.Module):
-    """DESIGN.md §5 toy net: x-enc 2→128→128→128, t-enc (sinusoidal 64) 64→128→128→128,
-    decoder 256→512→512→D, SiLU. Output m ≈ -z, so the score is m / σ(t)."""
-
-    def __init__(self, dim: int = 2, temb: int = 64):
-        super().__init__()
-        self.temb = temb
-        self.x_enc = mlp(dim, 128, 128, 128)
-        self.t_enc = mlp(temb, 128, 128, 128)
-        self.dec = mlp(256, 512, 512, dim)
-        self.act = nn.SiLU()
-
-    def forward(self, x, t):
-        hx = self.x_enc(x)
-        ht = self.t_enc(sinusoidal(t, self.temb))
-        return self.dec(self.act(torch.cat([hx, ht], dim=1)))
-
-
-class SmallConv(nn.Module):
-    """3 conv layers (3→32→32→3), SiLU, time via a sinusoidal embedding added as a per-channel bias."""
-
-    def __init__(self, ch: int = 32, temb: int = 64):
-        super().__init__()
-        self.temb = temb
-        self.t_proj = mlp(temb, ch, ch)
-        self.c1 = nn.Conv2d(3, ch, 3, padding=1)
-        self.c2 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.c3 = nn.Conv2d(ch, 3, 3, padding=1)
-        self.act = nn.SiLU()
-
-    def forward(self, x, t):
-        h = self.act(self.c1(x) + self.t_proj(sinusoidal(t, self.temb))[:, :, None, None])
-        h = self.act(self.c2(h))
-        return self.c3(h)
-
-
 CASES = {
     # name: (divergences, description)
     "mlp": (("exact", "hutchinson"), "toy MLP, 2-D, VESDE"),
-    "conv": (("hutchinson",), "conv 3x32x32, VPSDE"),
+    "conv": (("hutchinson",), "SmallConvNet 3x32x32, VPSDE"),
 }
 
 
 def build_case(case: str, batch: int, device: torch.device, seed: int = 0):
-    """Return (score_fn, x0, sde, params)."""
+    """Return (score_fn, x0, sde, net): the library's own networks and score parameterisation."""
     torch.manual_seed(seed)
     if case == "mlp":
-        sde = VESDE()
-        net = ToyNet().to(device)
+        sde, net = VESDE(), ToyScoreNet(dim=2).to(device)  # the paper's toy MLP (470,018 parameters)
         x0 = torch.randn(batch, 2, device=device) * 2.0
-
-        def score_fn(x, t):
-            return net(x, t) / sde.marginal(t)[1][:, None]
-
     elif case == "conv":
-        sde = VPSDE()
-        net = SmallConv().to(device)
+        sde, net = VPSDE(), SmallConvNet(channels=32, depth=2).to(device)
         x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
-
-        def score_fn(x, t):
-            return -net(x, t) / sde.marginal(t)[1][:, None, None, None]
-
     else:
         raise ValueError(case)
-    return score_fn, x0, sde, net
+    return ScoreModel(net, sde, "eps"), x0, sde, net
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -171,7 +172,19 @@ def _print_table(res: dict) -> None:
 
 
 class HOSMCLI(LightningCLI):
-    """LightningCLI with ``sample`` and ``likelihood``; omegaconf parser mode (YAML interpolation)."""
+    """LightningCLI with ``sample`` and ``likelihood``; omegaconf parser mode (YAML interpolation).
+
+    Checkpoints go to ``<trainer.default_root_dir>/checkpoints`` unless a ModelCheckpoint sets
+    ``dirpath``: a fixed place (not inside the logger's ``version_N``) is what lets
+    ``fit --ckpt_path last`` find the previous run's ``last.ckpt``.
+    """
+
+    def _default_checkpoint_dirs(self) -> None:
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None) is None:
+                cb.dirpath = os.path.realpath(os.path.join(self.trainer.default_root_dir, "checkpoints"))
+
+    before_fit = before_validate = before_test = _default_checkpoint_dirs
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -200,7 +213,6 @@ def main(args=None, run: bool = True) -> HOSMCLI:
 def run_cli() -> None:
     """Console entry point: user errors (bad config values, missing data, wrong checkpoint)
     print one clear line instead of a traceback; set HOSM_DEBUG=1 to see the traceback."""
-    import os
     import sys
 
     try:

@@ -24,6 +24,8 @@ def small_config(name: str, tmp: Path) -> Path:
               enable_progress_bar=False, accelerator="cpu", devices=1)
     tr["logger"]["init_args"]["save_dir"] = str(tmp / "tb")
     for cb in tr["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["every_n_train_steps"] = 2
         if cb["class_path"].endswith("DensityPlotCallback"):
             n = 4 if "cifar10" in name else 32
             cb["init_args"].update(grid_size=40, grid_size_2d=8, num_samples=n, sample_rtol=1e-3, sample_atol=1e-3)
@@ -91,6 +93,16 @@ def test_test_sample_and_likelihood_subcommands(trained_mog1d, capsys):
     # the likelihood subcommand and `test` agree on the same weights and data
     assert abs(res["mean"] - metrics["test/nll"].item()) < 5e-3
     assert "| test | 64 |" in capsys.readouterr().out
+
+
+def test_fit_resumes_with_ckpt_path_last(tmp_path):
+    cfg = str(small_config("mog1d", tmp_path))
+    main(["fit", "--config", cfg, "--trainer.max_steps=4", "--trainer.limit_val_batches=0"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    cli = main(["fit", "--config", cfg, "--ckpt_path", "last", "--trainer.limit_val_batches=0"])
+    assert cli.trainer.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert cli.trainer.global_step == 6
+    assert cli.model.current_stage()[1].order == 3
 
 
 def test_cifar_test_reports_bits_per_dim(tmp_path):

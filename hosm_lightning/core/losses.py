@@ -11,7 +11,7 @@ The second-order minimiser satisfies E[c cᵀ | x_t] = I + sigma² ∇² log q_t
 third-order one E[r | x_t] = 0 (third cumulant of z given x_t); only J (dsm2) and sigma³ ∇ tr J (dsm3)
 carry gradient, c, J and tr J inside r are stop-gradient: the paper's error-bounded objectives.
 
-Derivatives: ``exact`` builds the full Jacobian by one batched forward-mode JVP over the D basis
+Derivatives: ``exact`` builds the full Jacobian by one forward-mode JVP vmapped over the D basis
 vectors (D small); ``hutchinson`` uses one Rademacher probe v per sample, J v by forward-mode JVP
 (``torch.func.jvp``, exact J·v as in the reference), tr J ≈ vᵀ J v, ||c||² ≈ (cᵀv)², and
 ∇ tr J ≈ ∇_x (vᵀ J v) by one reverse pass with ``create_graph=True``. Both differentiate w.r.t. the
@@ -88,13 +88,16 @@ def _jvp(score_fn: ScoreFn, x: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Te
 
 
 def _exact_derivs(score_fn, x, t, need_grad_tr):
-    """s [B,D], J [B,D,D] (J[b,i,j] = ∂s_i/∂x_j), tr J [B], ∇ tr J [B,D] or None."""
-    b, d = x.shape[0], x[0].numel()
-    x_rep = x.repeat_interleave(d, 0)
-    basis = torch.eye(d, dtype=x.dtype, device=x.device).repeat(b, 1).reshape(x_rep.shape)
-    s_rep, cols = _jvp(score_fn, x_rep, t.repeat_interleave(d), basis)
-    s = s_rep.reshape(b, d, d)[:, 0]  # first copy of each sample
-    jac = cols.reshape(b, d, d).transpose(1, 2)
+    """s [B,D], J [B,D,D] (J[b,i,j] = ∂s_i/∂x_j), tr J [B], ∇ tr J [B,D] or None.
+
+    The D columns J e_j come from one forward-mode JVP vmapped over the basis vectors, so the
+    network's primal output is computed once (the score_fn must be vmap-compatible, e.g. no dropout).
+    """
+    d = x[0].numel()
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:]).expand(d, *x.shape)
+    s, cols = torch.func.vmap(lambda e: torch.func.jvp(lambda y: score_fn(y, t), (x,), (e,)), out_dims=(None, 0))(basis)
+    s = check_score_output(s, x).flatten(1)
+    jac = cols.flatten(2).permute(1, 2, 0)
     tr = jac.diagonal(dim1=1, dim2=2).sum(-1)
     grad_tr = torch.autograd.grad(tr.sum(), x, create_graph=True)[0].flatten(1) if need_grad_tr else None
     return s, jac, tr, grad_tr
