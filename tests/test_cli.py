@@ -136,3 +136,13 @@ def test_cli_user_errors_are_one_clear_line(tmp_path):
                    "--trainer.logger=false", "--trainer.callbacks=[]")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"{tmp_path}/nowhere" in res.stderr and "download" in res.stderr
+
+
+def test_yaml_interpolation_omegaconf_mode(tmp_path, capsys):
+    cfg = yaml.safe_load((ROOT / "configs" / "mog1d.yaml").read_text())
+    cfg["data"]["init_args"]["val_size"] = "${data.init_args.test_size}"
+    (tmp_path / "interp.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "interp.yaml"), "--print_config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["val_size"] == data["test_size"] == 5000

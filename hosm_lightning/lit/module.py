@@ -161,7 +161,7 @@ class HOSMModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = self.to_model_range(_batch_tensor(batch))
         idx, stage = self.current_stage()
-        out = self._losses(x0, stage.order, self.generator("train", self.global_step))
+        out = self._losses(x0, stage.order, self.generator("train", self.global_step, batch_idx))
         if self.check_finite and not torch.isfinite(out["loss"]):
             bad = [k for k, v in out.items() if k != "loss" and not torch.isfinite(v)]
             raise FloatingPointError(
