@@ -24,42 +24,10 @@ from tqdm.auto import tqdm
 
 from .core.likelihood import ode_sample
 from .core.seeding import make_generator
-from .lit.module import HOSMModule, check_signature
+from .lit.checkpoints import load_weights
+from .lit.module import HOSMModule
 
 __all__ = ["HOSMTrainer", "HOSMCLI", "main", "run_cli", "load_weights"]
-
-
-def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
-    """Load a Lightning checkpoint's ``state_dict`` (the EMA weights when EMA was on) into ``model``.
-
-    Loads with ``weights_only=True`` (checkpoints are untrusted); raises a ValueError naming the
-    file and the first missing/unexpected keys if it does not fit the model.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass --ckpt_path <file.ckpt>")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling error, truncated file, ...
-        raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {err}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' key)")
-    check_signature(ckpt, model.model_signature(), f"checkpoint {path}")
-    own = model.state_dict()
-    missing = [k for k in own if k not in ckpt["state_dict"]]
-    unexpected = [k for k in ckpt["state_dict"] if k not in own]
-    shapes = [
-        f"{k}: {tuple(v.shape)} in file vs {tuple(own[k].shape)}"
-        for k, v in ckpt["state_dict"].items() if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"checkpoint {path} does not match the configured model: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:3]}; "
-            "use the model section of the config the checkpoint was trained with"
-        )
-    model.load_state_dict(ckpt["state_dict"])
-    return ckpt
 
 
 class HOSMTrainer(L.Trainer):

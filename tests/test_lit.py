@@ -175,3 +175,23 @@ def test_checkpoint_loading_checks(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere"):
         load_weights(_module(), tmp_path / "nothere.ckpt")
     assert isinstance(_module().sde, VESDE)
+
+
+def test_init_from_lightning_checkpoint_weights_only(tmp_path):
+    """init_from loads the (EMA or raw) weights, not the optimizer or the step counter."""
+    _trainer(tmp_path, 3, [EMAWeightAveraging(decay=0.5), ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(
+        _module(), _dm())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert any(not torch.equal(saved["state_dict"][k], saved["current_model_state"][k]) for k in saved["state_dict"])
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.step = trainer.global_step
+
+    for ema, key in ((True, "state_dict"), (False, "current_model_state")):
+        probe = AtStart()
+        model = _module(init_from=str(tmp_path / "last.ckpt"), init_from_ema=ema, stages=[Stage(order=2)])
+        _trainer(tmp_path / f"ft{ema}", 1, [probe]).fit(model, _dm())
+        torch.testing.assert_close(probe.state, saved[key])
+        assert probe.step == 0

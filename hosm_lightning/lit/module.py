@@ -13,6 +13,7 @@ import dataclasses
 import functools
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from ..core.losses import DSM2_FORMS, dsm_losses, resolve_divergence
 from ..core.sde import SDE, VESDE
 from ..core.seeding import make_generator
 from ..nets.score import ScoreModel
+from .checkpoints import check_signature, init_from_checkpoint
 from .stages import Stage, stage_at, validate_stages
 
 __all__ = ["HOSMModule"]
@@ -51,6 +53,10 @@ class HOSMModule(L.LightningModule):
         val_likelihood: compute the exact ODE NLL (or bpd for images) in validation.
         likelihood_rtol, likelihood_atol: ODE solver tolerances for validation/test likelihoods.
         check_finite: stop with a clear error on a non-finite loss (one host sync per step).
+        init_from: start ``fit`` from these weights (our Lightning checkpoint or a score_sde_pytorch
+            checkpoint): weights only, not the optimizer or step counter; ignored when resuming with
+            ``--ckpt_path``.
+        init_from_ema: take the checkpoint's EMA weights (True) or its raw weights.
     """
 
     def __init__(
@@ -73,6 +79,8 @@ class HOSMModule(L.LightningModule):
         likelihood_rtol: float = 1e-5,
         likelihood_atol: float = 1e-5,
         check_finite: bool = True,
+        init_from: str | None = None,
+        init_from_ema: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "sde", "optimizer"])
@@ -87,6 +95,7 @@ class HOSMModule(L.LightningModule):
         self.optimizer_factory, self.warmup_steps, self.seed = optimizer, warmup_steps, seed
         self.data_centered, self.val_likelihood, self.check_finite = data_centered, val_likelihood, check_finite
         self.ode_kwargs = {"eps": self.eps, "rtol": likelihood_rtol, "atol": likelihood_atol}
+        self.init_from, self.init_from_ema = init_from, init_from_ema
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -134,6 +143,9 @@ class HOSMModule(L.LightningModule):
     # -- setup checks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.init_from and getattr(self._trainer, "ckpt_path", None) is None:
+            fmt = init_from_checkpoint(self, self.init_from, ema=self.init_from_ema)
+            rank_zero_info(f"initialised the network from {self.init_from} ({fmt} format, ema={self.init_from_ema})")
         data_dim, net_dim = getattr(dm, "dim", None), getattr(self.net, "dim", None)
         if data_dim is not None and net_dim is not None and data_dim != net_dim:
             raise ValueError(
@@ -222,16 +234,6 @@ class HOSMModule(L.LightningModule):
                 if entropy is not None:
                     self.log(f"{split}/nll_gap", nll - entropy, batch_size=bs, sync_dist=True)
         self.log(f"{split}/nfe", float(info["nfe"]), batch_size=bs, sync_dist=True)
-
-
-def check_signature(checkpoint: dict, expected: dict, where: str) -> None:
-    """Raise if a checkpoint was trained with another SDE / parameterisation than configured."""
-    saved = checkpoint.get("hosm_signature")
-    if saved is not None and saved != expected:
-        raise ValueError(
-            f"{where} was trained with {saved} but the configuration says {expected}: "
-            "use the model section of the config it was trained with"
-        )
 
 
 def _check_config(eps, lambda2, lambda3, divergence, dsm2_form, warmup_steps, rtol, atol) -> None:
