@@ -13,7 +13,7 @@ from hosm_lightning.cli import main
 from hosm_lightning.data import write_fake_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["mog1d", "checkerboard", "swissroll", "cifar10_vp_ddpmpp", "cifar10_ve_ncsnpp"]
+CONFIGS = ["mog1d", "checkerboard", "swissroll", "cifar10_vp_ddpmpp", "cifar10_vp_ddpmpp_deep", "cifar10_ve_ncsnpp"]
 
 
 def small_config(name: str, tmp: Path) -> Path:
@@ -34,7 +34,7 @@ def small_config(name: str, tmp: Path) -> Path:
     if "cifar10" in name:
         write_fake_cifar10(tmp / "cifar", n_train=24, n_test=8)
         data.update(root=str(tmp / "cifar"), batch_size=4, eval_batch_size=4, num_workers=0, val_size=4)
-        model["net"]["init_args"].update(channels=8, depth=1)
+        model["net"]["init_args"].update(nf=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
     else:
         data.update(batch_size=64, steps_per_epoch=6, val_size=64, test_size=64)
         model["net"]["init_args"].update(encoder_width=32, embed_dim=16, decoder_width=64)
@@ -146,3 +146,23 @@ def test_yaml_interpolation_omegaconf_mode(tmp_path, capsys):
         main(["fit", "--config", str(tmp_path / "interp.yaml"), "--print_config"])
     data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
     assert data["val_size"] == data["test_size"] == 5000
+
+
+def test_fit_order3_from_imported_score_sde_checkpoint(tmp_path):
+    """Issue 5: start a fit at order 3 from a score_sde_pytorch-format first-order checkpoint."""
+    import torch
+
+    from hosm_lightning.nets import DDPMpp, save_score_sde_checkpoint
+
+    cfg = small_config("cifar10_vp_ddpmpp", tmp_path)
+    tiny = yaml.safe_load(cfg.read_text())["model"]["net"]["init_args"]
+    torch.manual_seed(1)
+    source = DDPMpp(**tiny)
+    save_score_sde_checkpoint(source, tmp_path / "checkpoint_26.pth", step=1300000)
+    cli = main(["fit", "--config", str(cfg), "--model.init_from", str(tmp_path / "checkpoint_26.pth"),
+                "--model.stages", "[{order: 3}]", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                "--trainer.callbacks=[]", "--trainer.logger=false"])
+    assert cli.trainer.global_step == 2 and cli.trainer.callback_metrics["train/dsm3"].isfinite()
+    # the weights moved away from the imported ones by two Adam steps only
+    moved = [(p - q).abs().max().item() for p, q in zip(cli.model.net.parameters(), source.parameters())]
+    assert max(moved) < 1e-2 and max(moved) > 0

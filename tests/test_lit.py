@@ -195,3 +195,17 @@ def test_init_from_lightning_checkpoint_weights_only(tmp_path):
         _trainer(tmp_path / f"ft{ema}", 1, [probe]).fit(model, _dm())
         torch.testing.assert_close(probe.state, saved[key])
         assert probe.step == 0
+
+
+def test_unet_configuration_checks():
+    from hosm_lightning.nets import DDPMpp, NCSNpp
+
+    tiny = dict(image_size=8, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    with pytest.raises(ValueError, match="parameterization: score"):
+        HOSMModule(net=NCSNpp(**tiny), sde=VESDE(), parameterization="eps")
+    with pytest.raises(ValueError, match="sigma_max"):
+        HOSMModule(net=NCSNpp(**tiny, sigma_max=20.0), sde=VESDE(), parameterization="score")
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        HOSMModule(net=DDPMpp(**tiny, checkpoint_blocks=True), sde=VPSDE(), stages=[Stage(1, 5), Stage(3)])
+    HOSMModule(net=DDPMpp(**tiny, checkpoint_blocks=True), sde=VPSDE(), stages=[Stage(1)])  # order 1: fine
+    HOSMModule(net=NCSNpp(**tiny), sde=VESDE(), parameterization="score")

@@ -161,7 +161,7 @@ def dsm_losses(
     """
     _check_inputs(x0, sde, order, eps, dsm2_form)
     t, z = _draw(x0, sde, eps, generator, t, z, importance)
-    b, d = x0.shape[0], x0[0].numel()
+    d = x0[0].numel()
     mean_coef, sigma = sde.marginal(t)
     xt = bcast(mean_coef, x0) * x0 + bcast(sigma, x0) * z
     info = {"t": t, "sigma": sigma}
@@ -171,19 +171,20 @@ def dsm_losses(
         return (losses, info) if return_info else losses
 
     mode = resolve_divergence(divergence, d)
+    ft = torch.promote_types(x0.dtype, torch.float32)  # float32 at least (float64 stays float64)
     with torch.autocast(device_type=x0.device.type, enabled=False):
-        xt = xt.detach().float().requires_grad_(order == 3)
-        zf, sigf = z.float().flatten(1), sigma.float()
+        xt = xt.detach().to(ft).requires_grad_(order == 3)
+        zf, sigf = z.to(ft).flatten(1), sigma.to(ft)
         if mode == "exact":
-            s, jac, tr, grad_tr = _exact_derivs(score_fn, xt, t.float(), order == 3)
+            s, jac, tr, grad_tr = _exact_derivs(score_fn, xt, t.to(ft), order == 3)
             terms = _exact_terms(s, jac, tr, grad_tr, zf, sigf, d, order)
         else:
             if v is None:
                 v = rademacher(x0.shape, xt, generator)
             if v.shape != x0.shape:
                 raise ValueError(f"v must have the shape of x0 {tuple(x0.shape)}, got {tuple(v.shape)}")
-            s, jv = _jvp(score_fn, xt, t.float(), v.float())
-            s, jv, vf = s.flatten(1), jv.flatten(1), v.float().flatten(1)
+            s, jv = _jvp(score_fn, xt, t.to(ft), v.to(ft))
+            s, jv, vf = s.flatten(1), jv.flatten(1), v.to(ft).flatten(1)
             terms = _probe_terms(s, jv, vf, xt, zf, sigf, d, order)
     losses = {"dsm1": (sigf[:, None] * s + zf).pow(2).mean(1)}
     fro, tr2, r = terms.pop("dsm2_fro"), terms.pop("dsm2_tr"), terms.pop("r", None)

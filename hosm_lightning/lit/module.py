@@ -89,6 +89,7 @@ class HOSMModule(L.LightningModule):
         self.hparams["stages"] = [dataclasses.asdict(st) for st in self.stages]  # plain data: weights_only loads
         self.eps = self.sde.default_eps if eps is None else eps
         _check_config(self.eps, lambda2, lambda3, divergence, dsm2_form, warmup_steps, likelihood_rtol, likelihood_atol)
+        _check_net(net, self.sde, parameterization, self.stages)
         self.score_model = ScoreModel(net, self.sde, parameterization)
         self.lambda2, self.lambda3 = float(lambda2), float(lambda3)
         self.divergence, self.dsm2_form, self.importance = divergence, dsm2_form, importance_sampling
@@ -234,6 +235,27 @@ class HOSMModule(L.LightningModule):
                 if entropy is not None:
                     self.log(f"{split}/nll_gap", nll - entropy, batch_size=bs, sync_dist=True)
         self.log(f"{split}/nfe", float(info["nfe"]), batch_size=bs, sync_dist=True)
+
+
+def _check_net(net: nn.Module, sde: SDE, parameterization: str, stages: list[Stage]) -> None:
+    """Network/SDE/objective combinations that would silently train the wrong thing."""
+    if getattr(net, "scale_by_sigma", False) and parameterization != "score":
+        raise ValueError(
+            f"{type(net).__name__} divides its output by sigma and returns the score: set "
+            f"model.parameterization: score (got {parameterization!r})"
+        )
+    for name in ("sigma_min", "sigma_max"):
+        if hasattr(net, name) and hasattr(sde, name) and abs(getattr(net, name) - getattr(sde, name)) > 1e-12:
+            raise ValueError(
+                f"model.net.init_args.{name}={getattr(net, name)} differs from the SDE's {name}="
+                f"{getattr(sde, name)}: set both to the same value"
+            )
+    if getattr(net, "checkpoint_blocks", False) and any(st.order > 1 for st in stages):
+        raise ValueError(
+            "model.net.init_args.checkpoint_blocks=true works for first-order DSM only (activation "
+            "checkpointing does not replay forward-mode JVPs); use gradient accumulation "
+            "(trainer.accumulate_grad_batches) to fit orders 2 and 3 in memory"
+        )
 
 
 def _check_config(eps, lambda2, lambda3, divergence, dsm2_form, warmup_steps, rtol, atol) -> None:

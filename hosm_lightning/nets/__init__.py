@@ -1,11 +1,19 @@
 """Score networks (nn.Modules) and the score parameterisation wrapper.
 
-Convention for every net here: ``net(x, t)`` predicts the noise ε of x_t = a x_0 + σ z, and the
-score is s_θ(x, t) = -net(x, t) / σ(t) (DESIGN.md §2); :class:`ScoreModel` applies it.
+Convention: ``net(x, t)``. ToyScoreNet, SmallConvNet and DDPMpp predict the noise ε of
+x_t = a x_0 + σ z (use ``parameterization: eps``, s = -net/σ); NCSNpp divides its output by σ and
+returns the score itself (use ``parameterization: score``). :class:`ScoreModel` applies it.
 """
 
+from .checkpoint_import import load_score_sde_checkpoint, save_score_sde_checkpoint
 from .conv import SmallConvNet
+from .ddpmpp import DDPMpp
+from .ncsnpp import NCSNpp
 from .score import ScoreModel
 from .toy import SinusoidalEmbedding, ToyScoreNet, mlp
+from .unet import UNetBody
 
-__all__ = ["ScoreModel", "ToyScoreNet", "SmallConvNet", "SinusoidalEmbedding", "mlp"]
+__all__ = [
+    "ScoreModel", "ToyScoreNet", "SmallConvNet", "DDPMpp", "NCSNpp", "UNetBody", "SinusoidalEmbedding", "mlp",
+    "load_score_sde_checkpoint", "save_score_sde_checkpoint",
+]

@@ -1,0 +1,388 @@
+"""FID of probability-flow ODE samples at test time, sharded over ranks (DESIGN.md §6, §7).
+
+:class:`FIDCallback` is a Lightning callback. At the end of the test epoch it:
+
+1. draws ``num_samples`` samples with :func:`~hosm_lightning.core.likelihood.ode_sample`. The
+   samples are split over the ranks in contiguous blocks of indices. Sample ``i`` starts from
+   x_T drawn with its own generator seeded with (seed, 'fid', i), so the set of starting points
+   does not depend on the number of GPUs or on the batch size. The adaptive solver controls
+   its error over the whole batch, so the final samples agree across splits to about the
+   solver tolerance, not bit for bit;
+2. quantizes the samples like a saved PNG: model range → [0, 1] → ``(x*255).round().clamp(0, 255)``
+   as uint8. With ``png_dir`` set it also writes them as ``{i:06d}.png``, so that
+   torch-fidelity's ``calculate_metrics`` can cross-check the number;
+3. feeds torchmetrics' ``FrechetInceptionDistance``. The metric is created here, at test time,
+   and is not an attribute of the LightningModule, so it is never checkpointed or EMA-averaged.
+   Every rank calls ``compute()``, which sum-allreduces the feature statistics;
+4. takes the real statistics (mean, cov, n) of the training images from a cache file keyed by
+   the feature extractor and the data. They are computed once, sharded over the ranks, and
+   written by rank 0. They are loaded into the metric on rank 0 only, so the sum-allreduce in
+   ``compute()`` reproduces them exactly;
+5. logs ``test/fid`` and ``test/fid_n``, warns that FID with fewer than 50 000 samples is not
+   comparable to published numbers, logs a sample grid (``test/samples``) to TensorBoard, and
+   (rank 0) writes a JSON record with n, the reference set and the extractor.
+
+Inception weights: with ``feature_module=None`` the metric uses torchmetrics' default extractor
+(torch-fidelity's ``inception-v3-compat``). The weights come from ``feature_extractor_weights_path``
+or from the torch hub cache. Nothing is downloaded implicitly: if neither is there, ``setup``
+raises one error that names the file and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from ..core.likelihood import ode_sample
+from ..core.seeding import make_generator
+from .plots import image_grid
+
+__all__ = ["FIDCallback", "INCEPTION_WEIGHTS_FILE", "inception_weights_file", "quantize", "sample_shard"]
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+PAPER_N = 50_000
+
+
+def inception_weights_file(weights_path: str | None) -> Path:
+    """The Inception weights file the default extractor will read; FileNotFoundError (one clear
+    message naming the file and both places) if it is not there. Never downloads."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if weights_path is not None:
+        path = Path(os.path.expanduser(weights_path))
+        if path.is_file():
+            return path
+        where = f"the configured feature_extractor_weights_path {path} does not exist"
+    elif hub.is_file():
+        return hub
+    else:
+        where = f"no feature_extractor_weights_path is configured and the torch hub cache has no {hub}"
+    raise FileNotFoundError(
+        f"FID needs the Inception-v3 weights file {INCEPTION_WEIGHTS_FILE} (torch-fidelity's "
+        f"'inception-v3-compat', {INCEPTION_WEIGHTS_URL}), but {where}. Place the file at "
+        f"{path if weights_path is not None else hub} "
+        "(either set FIDCallback.feature_extractor_weights_path to a local copy, or put the file into "
+        "$TORCH_HOME/hub/checkpoints/, i.e. "
+        f"{hub.parent}/); compute nodes without internet cannot download it"
+    )
+
+
+def quantize(x: Tensor, centered: bool) -> Tensor:
+    """Model-range images → uint8, exactly as a saved PNG: [0, 1] → round(255 x), clamped."""
+    x = torch.nan_to_num(x.detach().float(), nan=0.0)
+    if centered:
+        x = (x + 1) / 2
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def sample_shard(n: int, world_size: int, rank: int) -> range:
+    """This rank's sample indices: a contiguous, balanced block (every rank gets >= 1 if n >= world_size)."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def _file_digest(path: Path, n: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def _module_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _tensor_digest(x: Tensor) -> str:
+    return hashlib.sha256(x.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+class FIDCallback(L.Callback):
+    """FID of ODE samples against cached training-set statistics, computed at test time.
+
+    Args:
+        num_samples: number of generated samples N (the paper protocol: 50 000).
+        batch_size: samples per ODE solve (per rank).
+        feature_extractor_weights_path: local Inception weights file for the default extractor
+            (None: the torch hub cache, ``$TORCH_HOME/hub/checkpoints/``).
+        feature: Inception feature layer (64, 192, 768 or 2048; the standard is 2048).
+        real_stats_cache: file of the real statistics (mean, cov, n, extractor key), written once
+            and reused while the key matches; None recomputes them every time.
+        sample_rtol, sample_atol: ODE solver tolerances for sampling.
+        seed: base seed; sample i starts from x_T drawn with a generator seeded (seed, 'fid', i).
+        png_dir: also write every sample as ``{png_dir}/{i:06d}.png`` (a shared file system
+            across nodes), e.g. for ``torch_fidelity.calculate_metrics(input1=png_dir, ...)``.
+        feature_module: a custom extractor mapping uint8 [N, 3, H, W] to [N, d] (tests, other
+            metrics). With it, neither the Inception weights nor torch-fidelity are needed.
+        sample_method: torchdiffeq solver for sampling (dopri5: adaptive, the default).
+        sample_options: torchdiffeq options, e.g. ``{step_size: 0.01}`` for a fixed-step method
+            ('euler', 'rk4'), whose samples do not depend on the batch composition at all.
+        sample_eps: end time of the sampler (default: the SDE's ``default_sample_eps``).
+        denoise: finish sampling with one Tweedie denoising step.
+        grid_size: number of samples in the TensorBoard grid ``test/samples`` (0: none).
+        results_path: JSON record written by rank 0 (default ``<log_dir>/fid.json``).
+
+    After a test run, ``self.results`` holds ``fid``, ``n``, ``n_real``, ``extractor``,
+    ``reference``, ``nfe`` and ``seconds``; ``self.real_stats_computed`` counts how many times
+    the real statistics were computed (not read from the cache).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = PAPER_N,
+        batch_size: int = 250,
+        feature_extractor_weights_path: str | None = None,
+        feature: int = 2048,
+        real_stats_cache: str | None = "fid_stats/cifar10_train.pt",
+        sample_rtol: float = 1e-5,
+        sample_atol: float = 1e-5,
+        seed: int = 0,
+        png_dir: str | None = None,
+        feature_module: nn.Module | None = None,
+        sample_method: str = "dopri5",
+        sample_options: dict | None = None,
+        sample_eps: float | None = None,
+        denoise: bool = False,
+        grid_size: int = 64,
+        results_path: str | None = None,
+    ):
+        super().__init__()
+        for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"FIDCallback.{name} must be >= 1, got {value!r}")
+        if int(num_samples) < 2:
+            raise ValueError("FIDCallback.num_samples must be >= 2 (a covariance needs two samples)")
+        if feature_module is None and feature not in (64, 192, 768, 2048):
+            raise ValueError(f"FIDCallback.feature must be one of 64, 192, 768, 2048, got {feature!r}")
+        if not (sample_rtol > 0 and sample_atol > 0):
+            raise ValueError("FIDCallback.sample_rtol and sample_atol must be positive")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.weights_path, self.feature, self.real_stats_cache = feature_extractor_weights_path, feature, real_stats_cache
+        self.sample_rtol, self.sample_atol, self.seed, self.png_dir = float(sample_rtol), float(sample_atol), int(seed), png_dir
+        self.feature_module, self.sample_method, self.sample_eps, self.denoise = feature_module, sample_method, sample_eps, denoise
+        self.grid_size, self.results_path = int(grid_size), results_path
+        self.sample_options = dict(sample_options) if sample_options else None
+        self.results: dict = {}
+        self.real_stats_computed = 0
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "test" and self.feature_module is None:
+            inception_weights_file(self.weights_path)  # fail before any expensive work
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.num_samples < PAPER_N:
+            rank_zero_warn(
+                f"FID with N={self.num_samples} < {PAPER_N} samples is biased upwards and not comparable to "
+                "published CIFAR-10 numbers (50 000 samples vs training-set statistics); use it for monitoring only"
+            )
+        with torch.no_grad():
+            fid = self.evaluate(trainer, pl_module)
+        pl_module.log("test/fid", fid, sync_dist=True)  # the same value on every rank
+        pl_module.log("test/fid_n", float(self.num_samples), sync_dist=True)
+
+    # -- the metric -----------------------------------------------------------------------------
+    def extractor_key(self) -> str:
+        """Describes the feature extractor (and its weights) that the real statistics belong to."""
+        if self.feature_module is not None:
+            m = self.feature_module
+            name = getattr(m, "fid_key", None) or f"{type(m).__module__}.{type(m).__qualname__}"
+            return f"custom:{name}:params={_module_digest(m)}"
+        weights = inception_weights_file(self.weights_path)
+        return f"torch-fidelity:inception-v3-compat:feature={self.feature}:weights_sha256={_file_digest(weights)}"
+
+    def make_metric(self, image_shape: tuple, device) -> nn.Module:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if self.feature_module is not None:
+            metric = FrechetInceptionDistance(feature=self.feature_module, reset_real_features=False,
+                                              input_img_size=tuple(image_shape))
+        else:
+            weights = inception_weights_file(self.weights_path)
+            metric = FrechetInceptionDistance(feature=self.feature, reset_real_features=False,
+                                              feature_extractor_weights_path=str(weights))
+        return metric.to(device)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """Sample, update the metric on every rank, compute (synced). Returns the same FID on every rank."""
+        start = time.perf_counter()
+        dm = getattr(trainer, "datamodule", None)
+        image_shape = tuple(getattr(dm, "image_shape", None) or ())
+        if len(image_shape) != 3:
+            raise ValueError("FIDCallback needs image data: the data module must define image_shape (C, H, W)")
+        world, rank, device = max(int(trainer.world_size), 1), int(trainer.global_rank), pl_module.device
+        if self.num_samples < world:
+            raise ValueError(f"FIDCallback.num_samples={self.num_samples} must be >= the number of ranks ({world})")
+        centered = bool(getattr(pl_module, "data_centered", True))
+        metric = self.make_metric(image_shape, device)
+        key = self.extractor_key()
+        real = _real_images(dm)
+        data_key = f"n={len(real)}:shape={tuple(real.shape[1:])}:sha256={_tensor_digest(real)}"
+        stats = self._real_stats(trainer, metric, real, key, data_key)
+        if rank == 0:  # the other ranks contribute zeros: compute()'s sum-allreduce gives the exact statistics
+            n = stats["n"]
+            mean, cov = stats["mean"].to(device, torch.float64), stats["cov"].to(device, torch.float64)
+            metric.real_features_sum = n * mean
+            metric.real_features_cov_sum = (n - 1) * cov + n * torch.outer(mean, mean)
+            metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
+        grid, nfes = self._generate(trainer, pl_module, metric, image_shape, centered, sample_shard(self.num_samples, world, rank))
+        fid = float(metric.compute())  # every rank: sum-allreduce of the feature statistics
+        n_real = int(trainer.strategy.broadcast(int(stats["n"]), src=0))
+        nfe = trainer.strategy.reduce(torch.tensor([float(sum(nfes)), float(len(nfes))], dtype=torch.float64,
+                                                   device=device), reduce_op="sum")
+        self.results = {
+            "fid": fid, "n": self.num_samples, "n_real": n_real, "extractor": key,
+            "reference": f"{_reference_name(dm)} ({data_key})", "nfe": float(nfe[0] / nfe[1].clamp_min(1)),
+            "seconds": time.perf_counter() - start, "world_size": world, "sample_rtol": self.sample_rtol,
+            "sample_atol": self.sample_atol, "seed": self.seed, "comparable_to_papers": self.num_samples >= PAPER_N,
+        }
+        if trainer.is_global_zero:
+            if grid is not None:
+                for logger in _tensorboards(trainer):
+                    logger.experiment.add_image("test/samples", grid, global_step=trainer.global_step)
+            out = Path(self.results_path or Path(trainer.log_dir or trainer.default_root_dir or ".") / "fid.json")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(self.results, indent=2))
+            rank_zero_info(f"FID {fid:.3f} with N={self.num_samples} samples vs {self.results['reference']} "
+                           f"({key}); mean NFE {self.results['nfe']:.0f}, {self.results['seconds']:.1f} s")
+        del metric
+        return fid
+
+    def _generate(self, trainer, pl_module, metric, image_shape, centered: bool, shard: range):
+        """Sample this rank's indices, update the metric, write PNGs; (grid or None, NFE per solve)."""
+        device, nfes, keep = pl_module.device, [], []
+        png = Path(self.png_dir) if self.png_dir else None
+        if png is not None:
+            png.mkdir(parents=True, exist_ok=True)
+        nonfinite = 0
+        for lo in range(shard.start, shard.stop, self.batch_size):
+            ids = range(lo, min(lo + self.batch_size, shard.stop))
+            x_T = torch.cat([
+                pl_module.sde.prior_sample((1, *image_shape), generator=make_generator(self.seed, "fid", i, device=device),
+                                           device=device)
+                for i in ids
+            ])
+            x, info = ode_sample(pl_module.score_model, pl_module.sde, x_T=x_T, eps=self.sample_eps, rtol=self.sample_rtol,
+                                 atol=self.sample_atol, method=self.sample_method, denoise=self.denoise,
+                                 options=self.sample_options)
+            nfes.append(info["nfe"])
+            nonfinite += int((~torch.isfinite(x.flatten(1)).all(1)).sum())
+            u8 = quantize(x, centered)
+            metric.update(u8, real=False)
+            if png is not None:
+                _write_pngs(u8, ids, png)
+            have = sum(len(k) for k in keep)
+            if trainer.is_global_zero and have < self.grid_size:
+                keep.append(x[: self.grid_size - have].cpu())
+        if nonfinite:
+            rank_zero_warn(f"FIDCallback: {nonfinite} sample(s) on rank {trainer.global_rank} had NaN/Inf pixels (set to 0)")
+        grid = None
+        if trainer.is_global_zero and self.grid_size > 0 and keep:
+            samples = torch.cat(keep)[: self.grid_size]
+            grid = image_grid(samples, centered, nrow=max(1, math.ceil(math.sqrt(len(samples)))))
+        return grid, nfes
+
+    # -- real statistics ------------------------------------------------------------------------
+    def _real_stats(self, trainer, metric, real: Tensor, key: str, data_key: str) -> dict:
+        """mean/cov/n of the real images' features: from the cache (decided on rank 0 and broadcast,
+        so all ranks take the same branch) or computed sharded over the ranks and cached."""
+        cached = self._load_cache(key, data_key) if trainer.is_global_zero else None
+        use_cache = trainer.strategy.broadcast(cached is not None, src=0)
+        if use_cache:
+            if cached is None:  # other ranks: only rank 0 loads the statistics into the metric
+                return {"n": 0, "mean": None, "cov": None}
+            return cached
+        stats = self.compute_real_stats(trainer, metric, real)
+        if trainer.is_global_zero and self.real_stats_cache:
+            path = Path(self.real_stats_cache)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            torch.save({"mean": stats["mean"].cpu(), "cov": stats["cov"].cpu(), "n": int(stats["n"]), "key": key,
+                        "data": data_key}, tmp)
+            os.replace(tmp, path)
+            rank_zero_info(f"FID: wrote real statistics (n={stats['n']}) to {path}")
+        return stats
+
+    def _load_cache(self, key: str, data_key: str) -> dict | None:
+        if not self.real_stats_cache or not Path(self.real_stats_cache).is_file():
+            return None
+        try:
+            obj = torch.load(self.real_stats_cache, map_location="cpu", weights_only=True)
+        except Exception as err:  # unreadable: recompute and overwrite
+            rank_zero_warn(f"FID: cannot read {self.real_stats_cache} ({err}); recomputing the real statistics")
+            return None
+        if not isinstance(obj, dict) or obj.get("key") != key or obj.get("data") != data_key:
+            rank_zero_warn(f"FID: {self.real_stats_cache} was computed with another extractor or other data "
+                           f"({obj.get('key') if isinstance(obj, dict) else '?'}); recomputing")
+            return None
+        return {"mean": obj["mean"].double(), "cov": obj["cov"].double(), "n": int(obj["n"])}
+
+    def compute_real_stats(self, trainer, metric, real: Tensor) -> dict:
+        """Feature mean/cov of ``real`` (uint8 [N, C, H, W]), sharded over ranks, summed with 3 all-reduces."""
+        self.real_stats_computed += 1
+        device, world, rank = metric.real_features_sum.device, max(int(trainer.world_size), 1), int(trainer.global_rank)
+        d = metric.real_features_sum.shape[0]
+        s1 = torch.zeros(d, dtype=torch.float64, device=device)
+        s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+        shard = sample_shard(len(real), world, rank)
+        for lo in range(shard.start, shard.stop, self.batch_size):
+            feats = metric.inception(real[lo:min(lo + self.batch_size, shard.stop)].to(device)).double().reshape(-1, d)
+            s1 += feats.sum(0)
+            s2 += feats.T @ feats
+        count = torch.tensor(float(len(shard)), dtype=torch.float64, device=device)
+        s1, s2, count = (trainer.strategy.reduce(t, reduce_op="sum") for t in (s1, s2, count))
+        n = int(round(float(count)))
+        mean = s1 / n
+        cov = (s2 - n * torch.outer(mean, mean)) / (n - 1)
+        return {"mean": mean, "cov": cov, "n": n}
+
+
+def _write_pngs(u8: Tensor, ids: range, folder: Path) -> None:
+    from torchvision.io import write_png
+
+    for img, i in zip(u8.cpu(), ids):
+        write_png(img, str(folder / f"{i:06d}.png"))
+
+
+def _real_images(dm) -> Tensor:
+    """The reference images (uint8 [N, C, H, W]): ``dm.fid_reference_images()`` if defined, else
+    all 50 000 CIFAR-10 training images (the standard protocol, including the images the data
+    module holds out for validation), else ``dm.train_set.images``."""
+    if dm is None:
+        raise ValueError("FIDCallback needs a data module (trainer.test(model, datamodule=...))")
+    if hasattr(dm, "fid_reference_images"):
+        images = dm.fid_reference_images()
+    else:
+        from ..data.cifar10 import CIFAR10DataModule, read_cifar10
+
+        if isinstance(dm, CIFAR10DataModule):
+            images = read_cifar10(dm.root, train=True)[0]
+        else:
+            images = getattr(getattr(dm, "train_set", None), "images", None)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"FIDCallback: {type(dm).__name__} provides no uint8 [N, C, H, W] reference images "
+                         "(define fid_reference_images() on the data module)")
+    return images
+
+
+def _reference_name(dm) -> str:
+    from ..data.cifar10 import CIFAR10DataModule
+
+    return "CIFAR-10 train" if isinstance(dm, CIFAR10DataModule) else f"{type(dm).__name__} reference images"
+
+
+def _tensorboards(trainer) -> list:
+    return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, TensorBoardLogger)]

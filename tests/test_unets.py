@@ -1,0 +1,317 @@
+"""DDPM++ / NCSN++ U-Nets (DESIGN.md §6): FIR resampling, parameterisations, third-order
+differentiability, a finite-difference check of the order-3 loss gradient, checkpoint import.
+
+Tiny configurations only (nf 16, ch_mult (1, 2), one block per level, 8×8 images, batch 2).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hosm_lightning.core.losses import dsm_losses
+from hosm_lightning.core.sde import VESDE, VPSDE
+from hosm_lightning.nets.checkpoint_import import load_score_sde_checkpoint, save_score_sde_checkpoint
+from hosm_lightning.nets.ddpmpp import DDPMpp
+from hosm_lightning.nets.fir import (
+    fir_conv_downsample_2d,
+    fir_downsample_2d,
+    fir_upsample_2d,
+    naive_downsample_2d,
+    naive_upsample_2d,
+)
+from hosm_lightning.nets.ncsnpp import NCSNpp
+from hosm_lightning.nets.score import ScoreModel
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, busy CPU, OpenMP spinning makes these tiny nets 5-10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(image_size=8, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+NETS = {
+    "ddpmpp": (DDPMpp, VPSDE, "eps"),
+    "ncsnpp": (NCSNpp, VESDE, "score"),
+}
+
+
+def make(name, seed=0, **kw):
+    """A tiny net with every weight perturbed (the zero-initialised output convs would hide bugs)."""
+    cls, _, _ = NETS[name]
+    torch.manual_seed(seed)
+    net = cls(**{**TINY, **kw})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def score_model(name, net):
+    _, sde_cls, par = NETS[name]
+    sde = sde_cls()
+    return ScoreModel(net, sde, par), sde
+
+
+def images(b=2, seed=1, dtype=torch.float32):
+    return torch.rand(b, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# FIR resampling against explicit 1-D operators (Y = A X Aᵀ per channel)
+# ------------------------------------------------------------------------------------------------
+def _up_matrix(n):
+    """y[2i] = (x[i-1] + 3x[i])/4, y[2i+1] = (3x[i] + x[i+1])/4, zero outside."""
+    a = torch.zeros(2 * n, n, dtype=torch.float64)
+    for i in range(n):
+        a[2 * i, i], a[2 * i + 1, i] = 0.75, 0.75
+        if i > 0:
+            a[2 * i, i - 1] = 0.25
+        if i + 1 < n:
+            a[2 * i + 1, i + 1] = 0.25
+    return a
+
+
+def _blur_matrix(n, pad, stride):
+    """Correlation with [1,3,3,1]/8 on x zero-padded by ``pad`` on both sides, every ``stride``-th output."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64) / 8
+    n_out = (n + 2 * pad - 4) // stride + 1
+    b = torch.zeros(n_out, n, dtype=torch.float64)
+    for j in range(n_out):
+        for m in range(4):
+            src = stride * j + m - pad
+            if 0 <= src < n:
+                b[j, src] += k[m]
+    return b
+
+
+def test_fir_resampling_matches_explicit_reference():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    up, down = _up_matrix(6), _blur_matrix(6, pad=1, stride=2)
+    torch.testing.assert_close(fir_upsample_2d(x), up @ x @ up.T)
+    torch.testing.assert_close(fir_downsample_2d(x), down @ x @ down.T)
+    # FIR blur (pad 2) then a stride-2 3×3 convolution
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    blur = _blur_matrix(6, pad=2, stride=1)
+    torch.testing.assert_close(fir_conv_downsample_2d(x, w), F.conv2d(blur @ x @ blur.T, w, stride=2))
+    # constant images stay constant away from the border
+    ones = torch.ones(1, 1, 6, 6, dtype=torch.float64)
+    assert (fir_upsample_2d(ones)[..., 1:-1, 1:-1] - 1).abs().max() < 1e-12
+    # plain resampling
+    torch.testing.assert_close(naive_upsample_2d(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+    torch.testing.assert_close(naive_downsample_2d(x), F.avg_pool2d(x, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes and score parameterisations
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(NETS))
+def test_shapes_and_batch_independence(name):
+    net = make(name).eval()
+    assert net.dim == 3 * 8 * 8
+    x, t = images(3), torch.tensor([0.1, 0.5, 0.9])
+    out = net(x, t)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(net(x[1:2], t[1:2]), out[1:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net(x, 0.5), net(x, torch.full((3,), 0.5)))  # scalar time broadcasts
+    with pytest.raises(ValueError, match="expected images"):
+        net(torch.rand(2, 3, 16, 16), t[:2])
+
+
+def test_ddpmpp_eps_parameterisation():
+    net = make("ddpmpp").eval()
+    model, sde = score_model("ddpmpp", net)
+    x, t = images(), torch.tensor([0.2, 0.7])
+    sigma = sde.marginal(t)[1]
+    torch.testing.assert_close(model(x, t), -net(x, t) / sigma[:, None, None, None])
+    # the noise label is 999 t: a net with time_scale 1 fed 999 t gives the same output
+    net1 = DDPMpp(**TINY, time_scale=1.0).eval()
+    net1.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net1(x, 999 * t), net(x, t))
+
+
+def test_ncsnpp_score_parameterisation_and_data_range():
+    net = make("ncsnpp").eval()
+    model, sde = score_model("ncsnpp", net)
+    x, t = images(), torch.tensor([0.2, 0.7])
+    torch.testing.assert_close(model(x, t), net(x, t))  # 'score': the net output is the score
+    unscaled = NCSNpp(**TINY, scale_by_sigma=False).eval()
+    unscaled.load_state_dict(net.state_dict())
+    sigma = sde.marginal(t)[1]  # σ_min (σ_max/σ_min)^t, the VE marginal std
+    torch.testing.assert_close(net(x, t) * sigma[:, None, None, None], unscaled(x, t), rtol=1e-5, atol=1e-6)
+    centered = NCSNpp(**TINY, centered=True).eval()
+    centered.load_state_dict(net.state_dict())
+    torch.testing.assert_close(centered(2 * x - 1, t), net(x, t))  # [0,1] data are mapped to [-1,1]
+
+
+# ------------------------------------------------------------------------------------------------
+# third-order DSM through the nets
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(NETS))
+def test_third_order_loss_gradients_finite_nonzero(name):
+    net = make(name, dropout=0.1).train()
+    model, sde = score_model(name, net)
+    losses = dsm_losses(model, images(), sde, order=3, divergence="hutchinson", generator=torch.Generator().manual_seed(3))
+    assert set(losses) == {"dsm1", "dsm2", "dsm3"}
+    (losses["dsm1"] + losses["dsm2"] + losses["dsm3"]).mean().backward()
+    for n, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().sum() > 0, n
+
+
+class _FrozenStopGradients:
+    """Record the values that ``dsm_losses`` stop-gradients (``.detach()`` calls made in
+    hosm_lightning.core.losses) at θ₀, then replay them at perturbed θ.
+
+    Autograd differentiates the order-3 loss with ĉ, Jv, vᵀJv inside r held fixed, so the matching
+    finite difference is that of θ ↦ L(θ; stop-gradient values at θ₀), not of the loss value itself.
+    """
+
+    def __init__(self, monkeypatch):
+        self.values, self.mode, self.i = [], "record", 0
+        original = torch.Tensor.detach
+
+        def detach(tensor):
+            out = original(tensor)
+            if sys._getframe(1).f_globals.get("__name__") != "hosm_lightning.core.losses":
+                return out
+            if self.mode == "record":
+                self.values.append(out.clone())
+                return out
+            frozen = self.values[self.i]
+            self.i += 1
+            assert frozen.shape == out.shape
+            return frozen.clone()
+
+        monkeypatch.setattr(torch.Tensor, "detach", detach)
+
+    def replay(self):
+        self.mode, self.i = "replay", 0
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_third_order_gradient_matches_finite_differences(name, monkeypatch):
+    """d/dh L(θ + h d) at h = 0: autograd vs central differences, float64 net, fixed t, z, v."""
+    net = make(name, dropout=0.0).double().train()
+    _, sde = score_model(name, net)
+    wrapped = ScoreModel(net, sde, NETS[name][2])
+
+    def score_fn(x, t):  # run the net in float64 whatever precision dsm_losses works in
+        return wrapped(x.double(), t.double())
+
+    g = torch.Generator().manual_seed(7)
+    x0 = images(dtype=torch.float64)
+    t = torch.tensor([0.05, 0.6], dtype=torch.float64)
+    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    v = torch.randint(0, 2, x0.shape, generator=g).double() * 2 - 1
+
+    def loss():
+        out = dsm_losses(score_fn, x0, sde, order=3, divergence="hutchinson", t=t, z=z, v=v)
+        return (out["dsm1"] + out["dsm2"] + out["dsm3"]).mean()
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    frozen = _FrozenStopGradients(monkeypatch)
+    net.zero_grad()
+    loss().backward()
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+    frozen.replay()
+    h, values = 1e-4, []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * h * d)
+        frozen.replay()
+        values.append(loss().item())  # the loss itself differentiates w.r.t. x: grad mode stays on
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(sign * h * d)
+    numeric = (values[0] - values[1]) / (2 * h)
+    assert analytic != 0
+    assert abs(analytic - numeric) <= 1e-3 * abs(numeric), (analytic, numeric)
+
+
+# ------------------------------------------------------------------------------------------------
+# activation checkpointing
+# ------------------------------------------------------------------------------------------------
+def test_checkpoint_blocks_first_order_only():
+    grads = []
+    for flag in (False, True):
+        net = make("ddpmpp", dropout=0.1, checkpoint_blocks=flag).train()
+        model, sde = score_model("ddpmpp", net)
+        torch.manual_seed(11)  # same dropout masks in both runs (checkpoint replays the RNG state)
+        dsm_losses(model, images(), sde, order=1, generator=torch.Generator().manual_seed(3))["dsm1"].mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(RuntimeError, match="checkpoint_blocks=True works for first-order DSM only"):
+        dsm_losses(model, images(), sde, order=3, divergence="hutchinson")
+
+
+# ------------------------------------------------------------------------------------------------
+# score_sde_pytorch checkpoints
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(NETS))
+def test_score_sde_checkpoint_round_trip(name, tmp_path):
+    src = make(name, seed=0).eval()
+    ema = [p.detach() + 0.01 * torch.randn_like(p) for p in src.parameters() if p.requires_grad]
+    path = tmp_path / "checkpoint_26.pth"
+    save_score_sde_checkpoint(src, path, step=123, ema_decay=0.999, ema_params=ema)
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"model", "ema", "optimizer", "step"} and ckpt["step"] == 123
+    assert all(k.startswith("module.all_modules.") for k in ckpt["model"])
+    x, t = images(), torch.tensor([0.3, 0.8])
+
+    dst = make(name, seed=1).eval()
+    info = load_score_sde_checkpoint(dst, path, use_ema=False)
+    assert info["step"] == 123 and not info["used_ema"]
+    assert torch.equal(dst(x, t), src(x, t))
+
+    info = load_score_sde_checkpoint(dst, path, use_ema=True)
+    assert info["used_ema"] and info["ema_decay"] == 0.999
+    for p, e in zip((p for p in dst.parameters() if p.requires_grad), ema):
+        assert torch.equal(p, e)
+    with torch.no_grad():
+        for p, e in zip((p for p in src.parameters() if p.requires_grad), ema):
+            p.copy_(e)
+    assert torch.equal(dst(x, t), src(x, t))
+
+    # positional mapping of renamed keys gives the same weights
+    other = make(name, seed=2).eval()
+    load_score_sde_checkpoint(other, path, use_ema=True, key_map=lambda k: "renamed." + k, match="order")
+    assert torch.equal(other(x, t), src(x, t))
+
+
+def test_score_sde_checkpoint_errors(tmp_path):
+    path = tmp_path / "ddpmpp.pth"
+    save_score_sde_checkpoint(make("ddpmpp"), path)
+    wrong = DDPMpp(**{**TINY, "num_res_blocks": 2})
+    with pytest.raises(ValueError, match=r"missing keys .*unexpected keys .*shape mismatches"):
+        load_score_sde_checkpoint(wrong, path)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_score_sde_checkpoint(DDPMpp(**{**TINY, "nf": 32}), path, match="order")
+    with pytest.raises(ValueError, match="missing keys"):
+        load_score_sde_checkpoint(make("ncsnpp"), path)  # the other architecture
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.txt"):
+        load_score_sde_checkpoint(make("ddpmpp"), junk)
+    other = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="plain.pt.*not a score_sde_pytorch checkpoint"):
+        load_score_sde_checkpoint(make("ddpmpp"), other)
+
+
+def test_unet_benchmark_quick_runs():
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "unet_step.py"), "--quick", "--device", "cpu", "--threads", "1",
+           "--nets", "ddpmpp", "--in-process", "--reps", "1", "--warmup", "0"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ddpmpp")]
+    assert [int(r.split("|")[4]) for r in rows] == [1, 2, 3], proc.stdout
