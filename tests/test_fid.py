@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -310,13 +311,25 @@ def _clean_env(**extra) -> dict:
     return env
 
 
+def _run_group(cmd: list[str], env: dict, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (Lightning's rank-1 child too)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[2:4]} timed out after {timeout} s\n{out[-2000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_two_process_ddp_fid_equals_one_process(setup_dir, first_run, tmp_path):
     """2 ranks (gloo): real stats sharded + all-reduced, fake stats synced in compute(); same FID."""
     tmp, root, state = setup_dir
     cb1, _ = first_run
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, __file__, "fid", "2", str(state), str(root), str(tmp_path)], cwd=ROOT,
-                         env=_clean_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    res = _run_group([sys.executable, __file__, "fid", "2", str(state), str(root), str(tmp_path)], _clean_env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     print(f"\nFID 1 process {cb1.results['fid']:.7f} | 2 processes {ranks[0]['fid']:.7f} (rank 1: {ranks[1]['fid']:.7f}); "

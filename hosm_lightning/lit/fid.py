@@ -249,11 +249,13 @@ class FIDCallback(L.Callback):
             "seconds": time.perf_counter() - start, "world_size": world, "sample_rtol": self.sample_rtol,
             "sample_atol": self.sample_atol, "seed": self.seed, "comparable_to_papers": self.num_samples >= PAPER_N,
         }
+        # trainer.log_dir broadcasts: every rank must ask (never inside a rank-zero-only branch)
+        log_dir = trainer.log_dir if self.results_path is None else None
         if trainer.is_global_zero:
             if grid is not None:
                 for logger in _tensorboards(trainer):
                     logger.experiment.add_image("test/samples", grid, global_step=trainer.global_step)
-            out = Path(self.results_path or Path(trainer.log_dir or trainer.default_root_dir or ".") / "fid.json")
+            out = Path(self.results_path or Path(log_dir or trainer.default_root_dir or ".") / "fid.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(self.results, indent=2))
             rank_zero_info(f"FID {fid:.3f} with N={self.num_samples} samples vs {self.results['reference']} "
