@@ -47,8 +47,8 @@ ORDERS = (1, 2, 3)
 
 CASES = {
     # name: (divergences, description)
-    "mlp": (("exact", "hutchinson"), "toy MLP, 2-D, VESDE"),
-    "conv": (("hutchinson",), "SmallConvNet 3x32x32, VPSDE"),
+    "mlp": (("exact", "hutchinson", "hutchinson-vjp"), "toy MLP, 2-D, VESDE"),
+    "conv": (("hutchinson", "hutchinson-vjp"), "SmallConvNet 3x32x32, VPSDE"),
 }
 
 
@@ -112,7 +112,9 @@ def measure(case: str, divergence: str, order: int, batch: int, device: str, war
 
     def step(x=x0):
         net.zero_grad(set_to_none=True)
-        losses = dsm_losses(score_fn, x, sde, order=order, generator=gen, divergence=divergence)
+        div, _, product = divergence.partition("-")  # 'hutchinson-vjp': Jᵀv probes (reverse mode)
+        losses = dsm_losses(score_fn, x, sde, order=order, generator=gen, divergence=div,
+                            probe_product=product or "jvp")
         loss = losses["dsm1"]
         if order >= 2:
             loss = loss + LAMBDA2 * losses["dsm2"]

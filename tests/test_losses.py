@@ -28,7 +28,9 @@ def _theta_grad(mix, sde, order, theta0, divergence, chunks=40, n=500, seed=0):
     grads = []
     for _ in range(chunks):
         theta = torch.tensor(theta0, requires_grad=True)
-        losses = dsm_losses(_perturbed_score(mix, sde, theta), mix.sample(n, g), sde, order=order, generator=g, divergence=divergence)
+        div, _, product = divergence.partition("-")
+        losses = dsm_losses(_perturbed_score(mix, sde, theta), mix.sample(n, g), sde, order=order, generator=g,
+                            divergence=div, probe_product=product or "jvp")
         grads.append(torch.autograd.grad(losses[f"dsm{order}"].mean(), theta)[0])
     grads = torch.stack(grads)
     return grads.mean().item(), grads.std().item() / chunks**0.5
@@ -38,11 +40,12 @@ CASES = [
     (paper_mog1d(), VESDE(), "exact"),
     (MIX2, VPSDE(), "exact"),
     (MIX2, VPSDE(), "hutchinson"),
+    (MIX2, VPSDE(), "hutchinson-vjp"),
 ]
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("mix,sde,divergence", CASES, ids=["mog1d-ve-exact", "mix2d-vp-exact", "mix2d-vp-hutch"])
+@pytest.mark.parametrize("mix,sde,divergence", CASES, ids=["mog1d-ve-exact", "mix2d-vp-exact", "mix2d-vp-hutch", "mix2d-vp-hutch-vjp"])
 def test_dsm_terms_stationary_at_truth(mix, sde, divergence, order):
     """At θ = 0 the score is exact: E[d dsm_k/dθ] = 0. At θ = 0.3 it is clearly not.
 
@@ -192,6 +195,7 @@ def test_importance_sampled_times():
         ({"order": 2, "eps": 1.0}, "eps"),
         ({"order": 2, "divergence": "foo"}, "divergence"),
         ({"order": 2, "dsm2_form": "foo"}, "dsm2_form"),
+        ({"order": 2, "probe_product": "foo"}, "probe_product"),
         ({"order": 1, "t": torch.rand(3)}, "t must"),
         ({"order": 1, "z": torch.randn(8, 3)}, "z must"),
         ({"order": 2, "divergence": "hutchinson", "v": torch.ones(8, 3)}, "v must"),
@@ -217,12 +221,13 @@ def test_bad_data_and_score_shapes():
             dsm_losses(bad, torch.randn(8, 2), VPSDE(), order=order)
 
 
-def _reference_terms(net_fn, x0, sde, t, z, v, mode):
+def _reference_terms(net_fn, x0, sde, t, z, v, mode, transpose=False):
     """Independent reference (full Jacobian by reverse-mode loops) of DESIGN.md §3, for D = 2."""
     a, sigma = sde.marginal(t)
     xt = (a[:, None] * x0 + sigma[:, None] * z).requires_grad_(True)
     s = net_fn(xt, t)
     jac = torch.stack([torch.autograd.grad(s[:, i].sum(), xt, create_graph=True)[0] for i in range(2)], 1)
+    jac = jac.transpose(1, 2) if transpose else jac  # probe_product='vjp' uses Jᵀ v
     d, sg2, sg3 = 2, sigma[:, None] ** 2, sigma[:, None] ** 3
     c = z + sigma[:, None] * s.detach()
     dsm1 = (sigma[:, None] * s + z).pow(2).mean(1)
@@ -245,8 +250,8 @@ def _reference_terms(net_fn, x0, sde, t, z, v, mode):
     return {"dsm1": dsm1, "dsm2": fro + tr2, "dsm3": r.pow(2).sum(1) / d**3}
 
 
-@pytest.mark.parametrize("mode", ["exact", "hutchinson"])
-def test_values_and_parameter_gradients_match_reference(mode):
+@pytest.mark.parametrize("mode,product", [("exact", "jvp"), ("hutchinson", "jvp"), ("hutchinson", "vjp")])
+def test_values_and_parameter_gradients_match_reference(mode, product):
     """Values and θ-gradients of every term equal an independent implementation: this pins down
     which factors are stop-gradient (only J in dsm2 and σ³∇tr J in dsm3 carry gradient)."""
     net, score_fn = _toy_net(2, seed=3)
@@ -254,8 +259,8 @@ def test_values_and_parameter_gradients_match_reference(mode):
     x0 = MIX2.sample(32, g)
     t, z = torch.rand(32, generator=g) * 0.5 + 0.01, torch.randn(32, 2, generator=g)
     v = torch.randint(0, 2, (32, 2), generator=g).float() * 2 - 1
-    ours = dsm_losses(score_fn, x0, sde, order=3, t=t, z=z, v=v, divergence=mode)
-    ref = _reference_terms(score_fn, x0, sde, t, z, v, mode)
+    ours = dsm_losses(score_fn, x0, sde, order=3, t=t, z=z, v=v, divergence=mode, probe_product=product)
+    ref = _reference_terms(score_fn, x0, sde, t, z, v, mode, transpose=product == "vjp")
     params = list(net.parameters())
     for k in ("dsm1", "dsm2", "dsm3"):
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6)

@@ -87,6 +87,13 @@ def _jvp(score_fn: ScoreFn, x: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Te
     return check_score_output(s, x), jv
 
 
+def _vjp(score_fn: ScoreFn, x: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(s, Jᵀ v) by one reverse pass with ``create_graph=True`` (x must require grad)."""
+    s = check_score_output(score_fn(x, t), x)
+    (jtv,) = torch.autograd.grad((s * v).sum(), x, create_graph=True)
+    return s, jtv
+
+
 def _exact_derivs(score_fn, x, t, need_grad_tr):
     """s [B,D], J [B,D,D] (J[b,i,j] = ∂s_i/∂x_j), tr J [B], ∇ tr J [B,D] or None.
 
@@ -138,6 +145,7 @@ def dsm_losses(
     t: Tensor | None = None,
     z: Tensor | None = None,
     v: Tensor | None = None,
+    probe_product: str = "jvp",
     return_info: bool = False,
 ):
     """Per-sample DSM losses of order 1..``order``.
@@ -153,6 +161,10 @@ def dsm_losses(
         dsm2_form: 'both' (Frobenius + trace, as the reference image code), 'frobenius' or 'trace'.
         importance: draw t from p(t) ∝ g²/σ² (VP/subVP) instead of U(eps, T).
         t, z, v: optional pre-drawn times [B], noise (shape of x0), probe (shape of x0).
+        probe_product: Hutchinson only. 'jvp' (J v by forward mode, as the reference code) or 'vjp'
+            (Jᵀ v by one reverse pass: about 1.9× cheaper on CPU for order 3; dsm2 has the same
+            expectation and vᵀJᵀv = vᵀJv, but the stop-gradient term of r becomes (σ²Jᵀ + I)c in
+            expectation, which equals (σ²J + I)c only for a symmetric J, e.g. at the true score).
         return_info: also return a dict with t, sigma, the two dsm2 forms and (order 3) the residual r.
 
     Returns:
@@ -160,6 +172,8 @@ def dsm_losses(
         or ``(losses, info)`` if ``return_info``.
     """
     _check_inputs(x0, sde, order, eps, dsm2_form)
+    if probe_product not in ("jvp", "vjp"):
+        raise ValueError(f"probe_product must be 'jvp' or 'vjp', got {probe_product!r}")
     t, z = _draw(x0, sde, eps, generator, t, z, importance)
     d = x0[0].numel()
     mean_coef, sigma = sde.marginal(t)
@@ -173,7 +187,7 @@ def dsm_losses(
     mode = resolve_divergence(divergence, d)
     ft = torch.promote_types(x0.dtype, torch.float32)  # float32 at least (float64 stays float64)
     with torch.autocast(device_type=x0.device.type, enabled=False):
-        xt = xt.detach().to(ft).requires_grad_(order == 3)
+        xt = xt.detach().to(ft).requires_grad_(order == 3 or (mode == "hutchinson" and probe_product == "vjp"))
         zf, sigf = z.to(ft).flatten(1), sigma.to(ft)
         if mode == "exact":
             s, jac, tr, grad_tr = _exact_derivs(score_fn, xt, t.to(ft), order == 3)
@@ -183,7 +197,7 @@ def dsm_losses(
                 v = rademacher(x0.shape, xt, generator)
             if v.shape != x0.shape:
                 raise ValueError(f"v must have the shape of x0 {tuple(x0.shape)}, got {tuple(v.shape)}")
-            s, jv = _jvp(score_fn, xt, t.to(ft), v.to(ft))
+            s, jv = (_jvp if probe_product == "jvp" else _vjp)(score_fn, xt, t.to(ft), v.to(ft))
             s, jv, vf = s.flatten(1), jv.flatten(1), v.to(ft).flatten(1)
             terms = _probe_terms(s, jv, vf, xt, zf, sigf, d, order)
     losses = {"dsm1": (sigf[:, None] * s + zf).pow(2).mean(1)}
