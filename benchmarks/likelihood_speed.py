@@ -102,7 +102,8 @@ def train_net(steps: int, batch: int, device) -> ScoreModel:
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         x0 = mix.sample(batch, gen).to(device)
-        loss = dsm_losses(model, x0, sde, order=1, generator=make_generator(0, "speed-train", step, device=device))["dsm1"].mean()
+        gen_tzv = make_generator(0, "speed-train", step, device=device)
+        loss = dsm_losses(model, x0, sde, order=1, generator=gen_tzv)["dsm1"].mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -174,7 +175,7 @@ def main(argv=None) -> str:
     p.add_argument("--repeats", type=int, help="timed solves per row (median; default 3, 1 with --quick)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", help="results folder (default benchmarks/results; runs/likelihood_speed_quick with --quick)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -222,7 +223,8 @@ def main(argv=None) -> str:
         f"exact divergence; wall time = one solve (median of {repeats} at rtol 1e-5); ms/eval = wall time / NFE.",
         "",
         "Errors: mixture — against the exact anchor log q_eps(x) − log q_T(x_T) + log π(x_T); network — against "
-        f"a float64 copy of the net solved at rtol = atol = {REF_TOL:g} (NFE {ref_info['nfe']}; the float32 rounding of the net itself bounds the attainable error). Network: {net_src}.",
+        f"a float64 copy of the net solved at rtol = atol = {REF_TOL:g} (NFE {ref_info['nfe']}; the float32 "
+        f"rounding of the net itself bounds the attainable error). Network: {net_src}.",
         "",
         "## Head to head at rtol = atol = 1e-5 (the reference setting)",
         "",
@@ -238,7 +240,7 @@ def main(argv=None) -> str:
         "",
         f"Total benchmark time {time.perf_counter() - t0:.0f} s.",
     ]) + "\n"
-    out = Path(a.out)
+    out = Path(a.out or (ROOT / "runs" / "likelihood_speed_quick" if a.quick else ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "likelihood_speed.md").write_text(text)
     print(text)

@@ -19,15 +19,17 @@ Each model is scored with the exact ODE NLL (exact divergence, dopri5, rtol = at
 EMA weights on the datamodule's fixed test set. The paired column is the mean per-point difference
 NLL(method) − NLL(o1) on the same test points with the s.e. of that difference.
 
-Scale (default): batch 500, N1 = 1000, N2 = 300, EMA decay 0.99 (from step 100), 5000 test points,
+Scale (default): batch 500, N1 = 1000, N2 = 300, EMA decay 0.99 (from step 100), 2000 test points,
 one torch thread. The paper's toy runs use batch 5000 for 100k steps per method (5·10⁸ samples);
 this is 6.5·10⁵ samples per method, 0.13 % of the paper's budget — a budget-matched comparison of
 the objectives after short training, not a reproduction of converged toy models. Cost model from
 per-step times measured on this project's 2 shared CPU cores (1 thread, batch 500, exact Jacobians:
 order 1/2/3 ≈ 30/95/175 ms for 2-D data, 30/85/170 ms for 1-D): ≈ 480 s of training per 2-D
-dataset and 450 s for mog1d, plus ≈ 5 min of NLL evaluation and density grids — about 30 minutes in
-all (the output reports the measured times). ``--threads 2`` is faster only on an idle machine: with
-other jobs on the cores, two OpenMP threads per process were up to 10× slower per step.
+dataset and 450 s for mog1d; the exact 2-D NLL costs ≈ 0.1 s per solver evaluation of 2000 points
+(NFE 130-200, so ≈ 15-20 s per model), the 40×40 density grids ≈ 35 s per 2-D dataset: ≈ 5 min of
+evaluation, about 29 minutes in all (the output reports the measured times). ``--threads 2`` is
+faster only on an idle machine: with other jobs on the cores, two OpenMP threads per process were
+up to 10× slower per step.
 ``--quick`` is a smoke run (tiny steps, batches, test sets and rtol = atol = 1e-3; ≈ 40 s): its
 numbers mean nothing.
 
@@ -55,8 +57,8 @@ from _synthetic_runs import (  # noqa: E402
     DATASETS, ROOT, Scale, density_plots, fit, load_test_set, model_logp, quiet_lightning, summarize,
 )
 
-FULL = Scale(n1=1000, n2=300, batch=500, test_size=5000, rtol=1e-5, ema_decay=0.99, ema_start=100,
-             grid_1d=401, grid_2d=48)
+FULL = Scale(n1=1000, n2=300, batch=500, test_size=2000, rtol=1e-5, ema_decay=0.99, ema_start=100,
+             grid_1d=401, grid_2d=40)
 QUICK = Scale(n1=20, n2=10, batch=64, test_size=200, rtol=1e-3, ema_decay=0.9, ema_start=5, grid_1d=61, grid_2d=12)
 PAPER_SAMPLES = 5000 * 100_000
 
@@ -170,7 +172,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 90 s)")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of " + ",".join(DATASETS))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
+    p.add_argument("--out", help="results folder (default benchmarks/results; runs/benchmark_synthetic_quick "
+                                 "with --quick, so that a smoke run never overwrites the real results)")
     p.add_argument("--runs", default=None, help="checkpoints/TensorBoard folder (default runs/benchmark_synthetic, "
                                                 "or <out>/runs with --quick)")
     p.add_argument("--n1", type=int, help="override the pre-training steps")
@@ -195,7 +198,7 @@ def main(argv=None) -> list[dict]:
             setattr(scale, name, value)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out or (ROOT / "runs" / "benchmark_synthetic_quick" if args.quick else ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs) if args.runs else (out / "runs" if args.quick else ROOT / "runs" / "benchmark_synthetic")
     quiet_lightning()

@@ -115,9 +115,13 @@ class LikelihoodEvaluator(L.Callback):
         batch_size: samples per ODE solve (default: the split loader's batch size).
         rtol, atol: solver tolerances (default: the module's ``likelihood_rtol/atol``).
         method: torchdiffeq solver (default dopri5, the reference RK45).
+        options: torchdiffeq options, e.g. ``{step_size: 0.01}`` for fixed-step 'rk4'/'euler'
+            (whose per-sample values do not depend on the batch composition at all).
         divergence: 'auto' (exact for D <= 4), 'exact' or 'hutchinson'.
         seed: base seed of the per-sample noise (default: the module's ``seed``).
         results_path: rank 0 also writes a JSON summary per split here (``{split}`` as above).
+        max_samples: evaluate only the first ``max_samples`` samples of each split (quick checks;
+            ``limit_test_batches`` does not apply to this callback). None: the whole split.
 
     After a test run, ``self.results[split]`` holds ``mean``, ``se``, ``n``, ``num_repeats``,
     ``metric`` ('nll' or 'bpd'), ``nfe``, ``seconds`` and ``world_size`` (float64 values).
@@ -135,9 +139,11 @@ class LikelihoodEvaluator(L.Callback):
         rtol: float | None = None,
         atol: float | None = None,
         method: str = "dopri5",
+        options: dict | None = None,
         divergence: str = "auto",
         seed: int | None = None,
         results_path: str | None = None,
+        max_samples: int | None = None,
     ):
         super().__init__()
         splits = ["test"] if splits is None else list(splits)
@@ -150,10 +156,14 @@ class LikelihoodEvaluator(L.Callback):
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol is not None and not tol > 0:
                 raise ValueError(f"LikelihoodEvaluator.{name} must be positive or None, got {tol!r}")
+        if max_samples is not None and int(max_samples) < 1:
+            raise ValueError(f"LikelihoodEvaluator.max_samples must be >= 1 or None, got {max_samples!r}")
         resolve_divergence(divergence, 1)
+        self.max_samples = None if max_samples is None else int(max_samples)
         self.num_repeats, self.splits, self.per_sample_path = int(num_repeats), splits, per_sample_path
         self.batch_size = None if batch_size is None else int(batch_size)
         self.rtol, self.atol, self.method, self.divergence, self.seed = rtol, atol, method, divergence, seed
+        self.options = dict(options) if options else None
         self.results_path = results_path
         #: split -> summary dict of the latest test run
         self.results: dict[str, dict] = {}
@@ -169,6 +179,8 @@ class LikelihoodEvaluator(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict:
         """Evaluate one split on every rank; returns the same summary dict on every rank."""
         dataset, collate_fn, loader_bs = _split_dataset(trainer, split)
+        if self.max_samples is not None and self.max_samples < len(dataset):
+            dataset = Subset(dataset, range(self.max_samples))
         n = len(dataset)
         world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
         indices = shard_indices(n, world, rank)
@@ -227,7 +239,7 @@ class LikelihoodEvaluator(L.Callback):
         if self.atol is not None:
             ode["atol"] = self.atol
         logp, info = ode_log_likelihood(pl_module.score_model, pl_module.sde, y.contiguous(), method=self.method,
-                                        divergence=mode, v=v, **ode)
+                                        divergence=mode, v=v, options=self.options, **ode)
         if image:
             return nats_to_bpd(logp, dim, centered), info["nfe"], "bpd"
         return -logp, info["nfe"], "nll"
@@ -309,7 +321,8 @@ def _split_dataset(trainer: L.Trainer, split: str):
         loader = loader[0]
     dataset = getattr(loader, "dataset", None)
     if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ValueError(f"LikelihoodEvaluator needs a map-style {split} dataset with a length (got {type(dataset).__name__})")
+        raise ValueError(f"LikelihoodEvaluator needs a map-style {split} dataset with a length "
+                         f"(got {type(dataset).__name__})")
     if len(dataset) == 0:
         raise ValueError(f"the {split} dataset is empty")
     return dataset, getattr(loader, "collate_fn", None), getattr(loader, "batch_size", None)

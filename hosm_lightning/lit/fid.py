@@ -170,9 +170,11 @@ class FIDCallback(L.Callback):
         if not (sample_rtol > 0 and sample_atol > 0):
             raise ValueError("FIDCallback.sample_rtol and sample_atol must be positive")
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
-        self.weights_path, self.feature, self.real_stats_cache = feature_extractor_weights_path, feature, real_stats_cache
-        self.sample_rtol, self.sample_atol, self.seed, self.png_dir = float(sample_rtol), float(sample_atol), int(seed), png_dir
-        self.feature_module, self.sample_method, self.sample_eps, self.denoise = feature_module, sample_method, sample_eps, denoise
+        self.weights_path, self.feature = feature_extractor_weights_path, feature
+        self.real_stats_cache, self.png_dir, self.seed = real_stats_cache, png_dir, int(seed)
+        self.sample_rtol, self.sample_atol = float(sample_rtol), float(sample_atol)
+        self.sample_method, self.sample_eps, self.denoise = sample_method, sample_eps, denoise
+        self.feature_module = feature_module
         self.grid_size, self.results_path = int(grid_size), results_path
         self.sample_options = dict(sample_options) if sample_options else None
         self.results: dict = {}
@@ -238,7 +240,8 @@ class FIDCallback(L.Callback):
             metric.real_features_sum = n * mean
             metric.real_features_cov_sum = (n - 1) * cov + n * torch.outer(mean, mean)
             metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
-        grid, nfes = self._generate(trainer, pl_module, metric, image_shape, centered, sample_shard(self.num_samples, world, rank))
+        shard = sample_shard(self.num_samples, world, rank)
+        grid, nfes = self._generate(trainer, pl_module, metric, image_shape, centered, shard)
         fid = float(metric.compute())  # every rank: sum-allreduce of the feature statistics
         n_real = int(trainer.strategy.broadcast(int(stats["n"]), src=0))
         nfe = trainer.strategy.reduce(torch.tensor([float(sum(nfes)), float(len(nfes))], dtype=torch.float64,
