@@ -11,7 +11,6 @@ Custom subcommands are methods of :class:`HOSMTrainer`; their arguments become C
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from tqdm.auto import tqdm
 
-from .core.likelihood import ode_sample
-from .core.seeding import make_generator
+from .core.likelihood import ode_sample, seeded_prior
 from .lit.checkpoints import load_weights
+from .lit.evaluation import LikelihoodEvaluator
 from .lit.module import HOSMModule
 
 __all__ = ["HOSMTrainer", "HOSMCLI", "main", "run_cli", "load_weights"]
@@ -64,10 +63,10 @@ class HOSMTrainer(L.Trainer):
         model, device = self._prepare(model, ckpt_path)
         shape = tuple(getattr(datamodule, "image_shape", None) or (getattr(datamodule, "dim", None) or model.net.dim,))
         chunks, nfes, start = [], [], time.perf_counter()
-        for i in tqdm(range(0, num_samples, batch_size), desc="sampling", unit="batch"):
-            n = min(batch_size, num_samples - i)
-            gen = make_generator(seed, "sample", i, device=device)  # per-chunk seeds: independent of batching order
-            x, info = ode_sample(model.score_model, model.sde, (n, *shape), rtol=rtol, atol=atol, generator=gen, device=device)
+        for lo in tqdm(range(0, num_samples, batch_size), desc="sampling", unit="batch"):
+            ids = range(lo, min(lo + batch_size, num_samples))
+            x_T = seeded_prior(model.sde, ids, shape, seed, "sample", device=device)  # per-sample seeds
+            x, info = ode_sample(model.score_model, model.sde, x_T=x_T, rtol=rtol, atol=atol)
             chunks.append(x.cpu())
             nfes.append(info["nfe"])
         samples = torch.cat(chunks)
@@ -92,40 +91,28 @@ class HOSMTrainer(L.Trainer):
         ckpt_path: str | None = None,
         split: str = "test",
         num_repeats: int = 1,
-        max_batches: int | None = None,
+        max_samples: int | None = None,
         out_dir: str | None = None,
     ) -> dict:
-        """Exact ODE NLL (nats) or bits/dim of a data split; prints a table with NFE and time."""
+        """Exact ODE NLL (nats) or bits/dim of a data split (per sample, each sample once across
+        ranks, ``num_repeats`` fresh dequantization/probe draws); prints a table, writes JSON and
+        per-sample values."""
         if split not in ("val", "test"):
             raise ValueError(f"--split must be 'val' or 'test', got {split!r}")
-        model, device = self._prepare(model, ckpt_path)
-        datamodule.setup("validate" if split == "val" else "test")
-        loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
-        values, nfes, start = [], [], time.perf_counter()
-        for rep in range(num_repeats):
-            for i, batch in enumerate(tqdm(loader, desc=f"{split} likelihood (repeat {rep + 1}/{num_repeats})")):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-                gen = make_generator(model.seed, "likelihood", split, rep, i, device=device)
-                if x.dtype == torch.uint8:
-                    val, info = model.bits_per_dim(x, gen)
-                else:
-                    logp, info = model.log_likelihood(x, gen)
-                    val = -logp
-                values.append(val.cpu())
-                nfes.append(info["nfe"])
-        vals = torch.cat(values).double()
-        unit = "bpd" if getattr(datamodule, "image_shape", None) else "nll"
-        res = {
-            "split": split, "metric": unit, "n": len(vals), "mean": vals.mean().item(),
-            "se": (vals.std() / math.sqrt(len(vals))).item() if len(vals) > 1 else float("nan"),
-            "nfe": float(np.mean(nfes)), "seconds": time.perf_counter() - start,
-            "entropy": getattr(datamodule, "entropy", None),
-        }
-        _print_table(res)
+        if num_repeats <= 0:
+            raise ValueError(f"--num_repeats must be positive, got {num_repeats}")
         out = self._out_dir(out_dir, "likelihood")
-        (out / f"{split}_{unit}.json").write_text(json.dumps(res, indent=2))
+        evaluator = LikelihoodEvaluator(num_repeats=num_repeats, splits=[split], max_samples=max_samples,
+                                        per_sample_path=str(out / "{split}_per_sample.npz"))
+        self.callbacks.append(evaluator)
+        try:
+            self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        finally:
+            self.callbacks.remove(evaluator)
+        res = {**evaluator.results[split], "entropy": getattr(datamodule, "entropy", None)}
+        if self.is_global_zero:
+            _print_table(res)
+            (out / f"{split}_{res['metric']}.json").write_text(json.dumps(res, indent=2))
         return res
 
 
@@ -147,12 +134,19 @@ class HOSMCLI(LightningCLI):
     ``fit --ckpt_path last`` find the previous run's ``last.ckpt``.
     """
 
+    # The configuration given on the command line is the source of truth. LightningCLI would merge
+    # the checkpoint's saved hyper-parameters over it when --ckpt_path is given, silently undoing
+    # e.g. `fit --ckpt_path last --model.stages ...`; a checkpoint that does not fit the configured
+    # model (architecture, SDE, parameterisation) fails with a clear error instead.
+    def _parse_ckpt_path(self) -> None:
+        return None
+
     def _default_checkpoint_dirs(self) -> None:
         for cb in self.trainer.checkpoint_callbacks:
             if getattr(cb, "dirpath", None) is None:
                 cb.dirpath = os.path.realpath(os.path.join(self.trainer.default_root_dir, "checkpoints"))
 
-    before_fit = before_validate = before_test = _default_checkpoint_dirs
+    before_fit = before_validate = before_test = before_likelihood = _default_checkpoint_dirs
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

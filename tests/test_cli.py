@@ -90,6 +90,7 @@ def test_test_sample_and_likelihood_subcommands(trained_mog1d, capsys):
     main(["likelihood", "--config", str(cfg), "--ckpt_path", ckpt, "--out_dir", str(tmp / "ll")])
     res = json.loads((tmp / "ll" / "test_nll.json").read_text())
     assert res["n"] == 64 and res["nfe"] > 0 and abs(res["entropy"] + 0.12885) < 1e-4
+    assert (tmp / "ll" / "test_per_sample.npz").exists()
     # the likelihood subcommand and `test` agree on the same weights and data
     assert abs(res["mean"] - metrics["test/nll"].item()) < 5e-3
     assert "| test | 64 |" in capsys.readouterr().out
@@ -99,10 +100,12 @@ def test_fit_resumes_with_ckpt_path_last(tmp_path):
     cfg = str(small_config("mog1d", tmp_path))
     main(["fit", "--config", cfg, "--trainer.max_steps=4", "--trainer.limit_val_batches=0"])
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
-    cli = main(["fit", "--config", cfg, "--ckpt_path", "last", "--trainer.limit_val_batches=0"])
+    # the command line wins over the checkpoint's saved hyper-parameters: new stages take effect
+    cli = main(["fit", "--config", cfg, "--ckpt_path", "last", "--trainer.limit_val_batches=0",
+                "--model.stages", "[{order: 1, steps: 4}, {order: 2}]"])
     assert cli.trainer.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
     assert cli.trainer.global_step == 6
-    assert cli.model.current_stage()[1].order == 3
+    assert cli.model.current_stage()[1].order == 2 and cli.trainer.callback_metrics["train/order"] == 2
 
 
 def test_cifar_test_reports_bits_per_dim(tmp_path):

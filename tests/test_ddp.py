@@ -37,7 +37,7 @@ TEST_SIZE, VAL_SIZE = 13, 5  # not divisible by the world size 2: DistributedSam
 TOL = 1e-7  # likelihood solver tolerance: the batch-composition effect stays far below 1e-5
 #: DensityPlotCallback reads trainer.log_dir (a broadcast) on rank 0 only and deadlocks under DDP;
 #: flip to True once it resolves its folder on every rank (e.g. in setup)
-WITH_DENSITY_PLOT = False
+WITH_DENSITY_PLOT = True
 
 
 # -- helpers ------------------------------------------------------------------------------------

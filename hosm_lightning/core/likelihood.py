@@ -22,8 +22,9 @@ from torchdiffeq import odeint
 
 from .losses import ScoreFn, check_score_output, rademacher, resolve_divergence
 from .sde import SDE
+from .seeding import make_generator
 
-__all__ = ["ode_log_likelihood", "ode_sample", "bits_per_dim", "dequantize", "nats_to_bpd"]
+__all__ = ["ode_log_likelihood", "ode_sample", "seeded_prior", "bits_per_dim", "dequantize", "nats_to_bpd"]
 
 
 def _check_batch(x: Tensor, name: str = "x") -> None:
@@ -193,6 +194,14 @@ def ode_sample(
             x = (x + (sigma**2).view(-1, *[1] * (x.dim() - 1)) * s) / a.view(-1, *[1] * (x.dim() - 1))
             nfe[0] += 1
     return x, {"nfe": nfe[0], "seconds": time.perf_counter() - start}
+
+
+def seeded_prior(sde: SDE, indices, shape, *key, device=None) -> Tensor:
+    """x_T ~ pi for the sample indices ``indices``, sample i drawn with a generator seeded by (*key, i):
+    a sample set that does not depend on the batch size or on how indices are split across ranks."""
+    return torch.cat([
+        sde.prior_sample((1, *shape), generator=make_generator(*key, i, device=device), device=device) for i in indices
+    ])
 
 
 def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -88,11 +88,16 @@ class DensityPlotCallback(L.Callback):
             warnings.warn(f"DensityPlotCallback failed at step {trainer.global_step}: {type(err).__name__}: {err}",
                           RuntimeWarning, stacklevel=2)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # On every rank: trainer.log_dir is a broadcast (a collective) under DDP, so it must not be
+        # read inside the rank-0-only plotting hook (the other ranks would never join: deadlock).
+        self._out = Path(self.out_dir or os.path.join(trainer.log_dir or trainer.default_root_dir or ".", "plots"))
+
     # -- work -----------------------------------------------------------------------------------
     def _plot(self, trainer, pl_module, x: Tensor) -> None:
         dm = getattr(trainer, "datamodule", None)
         step = trainer.global_step
-        out = Path(self.out_dir or os.path.join(trainer.log_dir or trainer.default_root_dir or ".", "plots"))
+        out = getattr(self, "_out", None) or Path(self.out_dir or os.path.join(trainer.default_root_dir or ".", "plots"))
         image_shape = getattr(dm, "image_shape", None)
         if x.dtype == torch.uint8 or image_shape is not None:
             self._images(trainer, pl_module, tuple(image_shape or x.shape[1:]), out, step)

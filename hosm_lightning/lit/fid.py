@@ -43,8 +43,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..core.likelihood import ode_sample
-from ..core.seeding import make_generator
+from ..core.likelihood import ode_sample, seeded_prior
 from .plots import image_grid
 
 __all__ = ["FIDCallback", "INCEPTION_WEIGHTS_FILE", "inception_weights_file", "quantize", "sample_shard"]
@@ -275,11 +274,7 @@ class FIDCallback(L.Callback):
         nonfinite = 0
         for lo in range(shard.start, shard.stop, self.batch_size):
             ids = range(lo, min(lo + self.batch_size, shard.stop))
-            x_T = torch.cat([
-                pl_module.sde.prior_sample((1, *image_shape), generator=make_generator(self.seed, "fid", i, device=device),
-                                           device=device)
-                for i in ids
-            ])
+            x_T = seeded_prior(pl_module.sde, ids, image_shape, self.seed, "fid", device=device)
             x, info = ode_sample(pl_module.score_model, pl_module.sde, x_T=x_T, eps=self.sample_eps, rtol=self.sample_rtol,
                                  atol=self.sample_atol, method=self.sample_method, denoise=self.denoise,
                                  options=self.sample_options)

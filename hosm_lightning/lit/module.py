@@ -53,6 +53,8 @@ class HOSMModule(L.LightningModule):
         seed: base seed; each rank/step derives its own generator from (seed, rank, step).
         data_centered: image data scaled to [-1, 1] (True) or [0, 1] (False) for the model.
         val_likelihood: compute the exact ODE NLL (or bpd for images) in validation.
+        test_likelihood: compute it in ``test_step`` (per-batch means; skipped automatically when a
+            ``LikelihoodEvaluator`` callback does the exact, DDP-correct per-sample evaluation).
         likelihood_rtol, likelihood_atol: ODE solver tolerances for validation/test likelihoods.
         check_finite_every: every this many steps, stop with a clear error if the loss is not finite
             (one host-device sync per check; 0 turns it off). Keep it a divisor of the checkpoint
@@ -81,6 +83,7 @@ class HOSMModule(L.LightningModule):
         seed: int = 0,
         data_centered: bool = True,
         val_likelihood: bool = True,
+        test_likelihood: bool = True,
         likelihood_rtol: float = 1e-5,
         likelihood_atol: float = 1e-5,
         check_finite_every: int = 1,
@@ -106,6 +109,7 @@ class HOSMModule(L.LightningModule):
         self.data_centered, self.val_likelihood, self.check_every = data_centered, val_likelihood, check_finite_every
         self.ode_kwargs = {"eps": self.eps, "rtol": likelihood_rtol, "atol": likelihood_atol}
         self.init_from, self.init_from_ema = init_from, init_from_ema
+        self.test_likelihood = test_likelihood
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -229,6 +233,9 @@ class HOSMModule(L.LightningModule):
             self._log_likelihood("val", x, self.generator("val-ll", batch_idx))
 
     def test_step(self, batch, batch_idx: int) -> None:
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        if not self.test_likelihood or any(getattr(cb, "computes_test_likelihood", False) for cb in callbacks):
+            return None  # the evaluator callback does it (each sample once, across ranks)
         self._log_likelihood("test", _batch_tensor(batch), self.generator("test", batch_idx))
 
     def _log_likelihood(self, split: str, x: Tensor, generator) -> None:
