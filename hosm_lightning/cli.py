@@ -104,11 +104,12 @@ class HOSMTrainer(L.Trainer):
         out = self._out_dir(out_dir, "likelihood")
         evaluator = LikelihoodEvaluator(num_repeats=num_repeats, splits=[split], max_samples=max_samples,
                                         per_sample_path=str(out / "{split}_per_sample.npz"))
-        self.callbacks.append(evaluator)
+        configured = [cb for cb in self.callbacks if getattr(cb, "computes_test_likelihood", False)]
+        self.callbacks[:] = [cb for cb in self.callbacks if cb not in configured] + [evaluator]
         try:
             self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         finally:
-            self.callbacks.remove(evaluator)
+            self.callbacks[:] = [cb for cb in self.callbacks if cb is not evaluator] + configured
         res = {**evaluator.results[split], "entropy": getattr(datamodule, "entropy", None)}
         if self.is_global_zero:
             _print_table(res)
