@@ -135,11 +135,11 @@ class HOSMModule(L.LightningModule):
         x = x.float() / 255
         return 2 * x - 1 if self.data_centered else x
 
-    def _losses(self, x0: Tensor, order: int, generator) -> dict[str, Tensor]:
+    def _losses(self, x0: Tensor, order: int, generator, check_finite: bool = True) -> dict[str, Tensor]:
         per_sample = dsm_losses(
             self.score_model, x0, self.sde, order=order, eps=self.eps, generator=generator,
             divergence=self.divergence, dsm2_form=self.dsm2_form, importance=self.importance,
-            probe_product=self.probe_product,
+            probe_product=self.probe_product, check_finite=check_finite,
         )
         means = {k: v.mean() for k, v in per_sample.items()}
         weights = {"dsm1": 1.0, "dsm2": self.lambda2, "dsm3": self.lambda3}
@@ -188,8 +188,8 @@ class HOSMModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = self.to_model_range(_batch_tensor(batch))
         idx, stage = self.current_stage()
-        out = self._losses(x0, stage.order, self.generator("train", self.global_step, batch_idx))
         check = self.check_every > 0 and self.global_step % self.check_every == 0
+        out = self._losses(x0, stage.order, self.generator("train", self.global_step, batch_idx), check_finite=check)
         if check and not torch.isfinite(out["loss"]):
             bad = [k for k, v in out.items() if k != "loss" and not torch.isfinite(v)]
             raise FloatingPointError(
