@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningCLI
 from tqdm.auto import tqdm
 
@@ -104,7 +105,11 @@ class HOSMTrainer(L.Trainer):
         out = self._out_dir(out_dir, "likelihood")
         evaluator = LikelihoodEvaluator(num_repeats=num_repeats, splits=[split], max_samples=max_samples,
                                         per_sample_path=str(out / "{split}_per_sample.npz"))
-        configured = [cb for cb in self.callbacks if getattr(cb, "computes_test_likelihood", False)]
+        # Set aside configured evaluators (ours replaces them) and weight averaging: after a `fit` in
+        # the same process, EMAWeightAveraging would load the checkpoint's *raw* weights
+        # (current_model_state); without it the checkpoint's state_dict, the EMA weights, is used.
+        configured = [cb for cb in self.callbacks
+                      if getattr(cb, "computes_test_likelihood", False) or isinstance(cb, WeightAveraging)]
         self.callbacks[:] = [cb for cb in self.callbacks if cb not in configured] + [evaluator]
         try:
             self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)

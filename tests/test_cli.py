@@ -98,6 +98,23 @@ def test_test_sample_and_likelihood_subcommands(trained_mog1d, capsys):
     assert "| test | 64 |" in capsys.readouterr().out
 
 
+def test_likelihood_after_fit_in_the_same_process_uses_ema_weights(trained_mog1d):
+    """After fit, EMAWeightAveraging would load a checkpoint's raw weights; likelihood must use EMA."""
+    import torch
+
+    from hosm_lightning.lit.checkpoints import load_weights
+
+    tmp, _, cli = trained_mog1d
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    res = cli.trainer.likelihood(cli.model, cli.datamodule, ckpt_path=ckpt, out_dir=str(tmp / "ll_same"))
+    saved = torch.load(ckpt, weights_only=True)
+    assert any(not torch.equal(saved["state_dict"][k], saved["current_model_state"][k]) for k in saved["state_dict"])
+    load_weights(cli.model, ckpt)  # EMA weights
+    x = torch.cat(list(cli.datamodule.test_dataloader()))
+    nll = -cli.model.log_likelihood(x)[0].mean().item()
+    assert abs(res["mean"] - nll) < 1e-3, (res["mean"], nll)
+
+
 def test_fit_resumes_with_ckpt_path_last(tmp_path):
     cfg = str(small_config("mog1d", tmp_path))
     main(["fit", "--config", cfg, "--trainer.max_steps=4", "--trainer.limit_val_batches=0"])
