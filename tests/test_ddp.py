@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _dist import clean_env  # noqa: E402
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -41,23 +42,6 @@ WITH_DENSITY_PLOT = True
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra) -> dict:
-    """This environment without any launcher/cluster variables, plus loopback rendezvous settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_")) and k not in
-           ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -84,7 +68,7 @@ def _wait(procs: list[subprocess.Popen], deadline: float) -> list[tuple[int, str
 
 
 def _run_worker(*args: str) -> tuple[int, str, str]:
-    proc = _start([sys.executable, __file__, *args], _clean_env())
+    proc = _start([sys.executable, __file__, *args], clean_env())
     return _wait([proc], time.monotonic() + SUBPROCESS_TIMEOUT)[0]
 
 
@@ -272,7 +256,7 @@ def _launch_two_nodes(args: list[str]) -> list[tuple[int, str, str]]:
     """Node 0 and node 1 (one process each), launched by hand as on two machines: MASTER_ADDR/PORT,
     NODE_RANK, LOCAL_RANK (its presence tells Lightning the processes are launched externally),
     WORLD_SIZE; Lightning's LightningEnvironment derives global rank = NODE_RANK * devices + LOCAL_RANK."""
-    env = _clean_env()
+    env = clean_env()
     procs = [_start([sys.executable, str(ROOT / "cli.py"), *args],
                     {**env, "NODE_RANK": str(node), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}) for node in (0, 1)]
     return _wait(procs, time.monotonic() + SUBPROCESS_TIMEOUT)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _dist import clean_env  # noqa: E402
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -296,22 +297,6 @@ def _fake(tmp: Path) -> Path:
 
 
 # -- two processes ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_")) and k not in
-           ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
-    env.update(extra)
-    return env
-
-
 def _run_group(cmd: list[str], env: dict, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group (Lightning's rank-1 child too)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -330,7 +315,7 @@ def test_two_process_ddp_fid_equals_one_process(setup_dir, first_run, tmp_path):
     tmp, root, state = setup_dir
     cb1, _ = first_run
     start = time.perf_counter()
-    res = _run_group([sys.executable, __file__, "fid", "2", str(state), str(root), str(tmp_path)], _clean_env())
+    res = _run_group([sys.executable, __file__, "fid", "2", str(state), str(root), str(tmp_path)], clean_env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     print(f"\nFID 1 process {cb1.results['fid']:.7f} | 2 processes {ranks[0]['fid']:.7f} (rank 1: {ranks[1]['fid']:.7f}); "
