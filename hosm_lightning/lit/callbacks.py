@@ -21,13 +21,10 @@ from lightning.fabric.loggers import TensorBoardLogger
 from torch import Tensor
 
 from ..core.likelihood import ode_sample
+from .module import batch_tensor
 from .plots import density_figure_1d, density_figure_2d, exact_logp_2d, image_grid, samples_figure, save_figure
 
 __all__ = ["DensityPlotCallback"]
-
-
-def _batch_tensor(batch) -> Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 class DensityPlotCallback(L.Callback):
@@ -83,7 +80,7 @@ class DensityPlotCallback(L.Callback):
             return
         try:
             with torch.inference_mode(False):
-                self._plot(trainer, pl_module, _batch_tensor(batch).detach().clone())
+                self._plot(trainer, pl_module, batch_tensor(batch).detach().clone())
         except Exception as err:  # diagnostics must never end a training run
             warnings.warn(f"DensityPlotCallback failed at step {trainer.global_step}: {type(err).__name__}: {err}",
                           RuntimeWarning, stacklevel=2)

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Su
 from ..core.likelihood import dequantize, nats_to_bpd, ode_log_likelihood
 from ..core.losses import rademacher, resolve_divergence
 from ..core.seeding import make_generator
+from .module import batch_tensor
 
 __all__ = ["LikelihoodEvaluator", "BitsPerDim", "shard_indices", "gather_unique", "summarize"]
 
@@ -193,7 +194,7 @@ class LikelihoodEvaluator(L.Callback):
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         metric = None
         for batch in _progress(loader, show, f"{split} likelihood ({self.num_repeats} repeat(s), rank 0)"):
-            x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
+            x = batch_tensor(batch).to(device)
             ids = indices[pos:pos + len(x)]
             for rep in range(self.num_repeats):
                 val, nfe, metric = self._values(pl_module, x, ids, split, rep, seed)

@@ -29,7 +29,8 @@ from .stages import Stage, stage_at, validate_stages
 __all__ = ["HOSMModule"]
 
 
-def _batch_tensor(batch) -> Tensor:
+def batch_tensor(batch) -> Tensor:
+    """The data tensor of a batch (tensor, or (tensor, labels) tuple/list)."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
@@ -186,7 +187,7 @@ class HOSMModule(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0 = self.to_model_range(_batch_tensor(batch))
+        x0 = self.to_model_range(batch_tensor(batch))
         idx, stage = self.current_stage()
         check = self.check_every > 0 and self.global_step % self.check_every == 0
         out = self._losses(x0, stage.order, self.generator("train", self.global_step, batch_idx), check_finite=check)
@@ -221,7 +222,7 @@ class HOSMModule(L.LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
-        x = _batch_tensor(batch)
+        x = batch_tensor(batch)
         xm = self.to_model_range(x)
         bs = x.shape[0]
         order = self.current_stage()[1].order  # the objective being trained right now
@@ -236,7 +237,7 @@ class HOSMModule(L.LightningModule):
         callbacks = self.trainer.callbacks if self._trainer is not None else []
         if not self.test_likelihood or any(getattr(cb, "computes_test_likelihood", False) for cb in callbacks):
             return None  # the evaluator callback does it (each sample once, across ranks)
-        self._log_likelihood("test", _batch_tensor(batch), self.generator("test", batch_idx))
+        self._log_likelihood("test", batch_tensor(batch), self.generator("test", batch_idx))
 
     def _log_likelihood(self, split: str, x: Tensor, generator) -> None:
         bs = x.shape[0]
