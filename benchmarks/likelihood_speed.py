@@ -11,7 +11,7 @@ Cases (1-D, VE SDE σ ∈ [0.01, 50]):
 
 * ``mixture``: the exact score of the paper's 1-D mixture (``paper_mog1d().score_fn(VESDE())``) on
   N points drawn from it. The error is known: the ODE density of the exact score is
-  log q_eps(x) − log q_T(x_T) + log π(x_T) per point (DESIGN.md §4), evaluated in float64 at each
+  log q_eps(x) − log q_T(x_T) + log π(x_T) per point (docs/design.md §4), evaluated in float64 at each
   solver's own x_T.
 * ``network``: the paper's toy MLP (``ToyScoreNet(dim=1)``) trained briefly with first-order DSM
   (``dsm_losses``), or a Lightning checkpoint given with ``--ckpt`` (a mog1d-config run). The error

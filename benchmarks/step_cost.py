@@ -1,9 +1,9 @@
-"""Cost of one training step of the order-1/2/3 DSM objectives (DESIGN.md §3).
+"""Cost of one training step of the order-1/2/3 DSM objectives (docs/design.md §3).
 
 One step = ``dsm_losses`` → loss = mean_B(dsm1 + 0.5 dsm2 + 0.1 dsm3) → ``loss.backward()``
 (no optimiser update). Cases:
 
-* ``mlp``  — the paper's toy score net (DESIGN.md §5) on 2-D data, VESDE, batch 5000,
+* ``mlp``  — the paper's toy score net (docs/design.md §5) on 2-D data, VESDE, batch 5000,
   divergence 'exact' and 'hutchinson';
 * ``conv`` — ``SmallConvNet`` (32 channels, 2 blocks) on 3×32×32, VPSDE, batch 8, 'hutchinson',
   eps-parameterisation s = -net(x, t)/σ(t).
@@ -41,7 +41,7 @@ from hosm_lightning.core.losses import dsm_losses
 from hosm_lightning.core.sde import VESDE, VPSDE
 from hosm_lightning.nets import ScoreModel, SmallConvNet, ToyScoreNet
 
-LAMBDA2, LAMBDA3 = 0.5, 0.1  # reference toy weights (DESIGN.md §3)
+LAMBDA2, LAMBDA3 = 0.5, 0.1  # reference toy weights (docs/design.md §3)
 ORDERS = (1, 2, 3)
 
 

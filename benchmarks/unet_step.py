@@ -1,4 +1,4 @@
-"""Training-step cost of the DDPM++ / NCSN++ U-Nets for DSM orders 1, 2, 3 (DESIGN.md §6).
+"""Training-step cost of the DDPM++ / NCSN++ U-Nets for DSM orders 1, 2, 3 (docs/design.md §6).
 
 One step = ``dsm_losses`` (Hutchinson probes: J·v by forward-mode JVP, ∇ₓ(vᵀJv) by a reverse
 pass with ``create_graph``) → loss = mean_B(dsm1 + dsm2 + dsm3) (unit weights, as the reference image
@@ -68,7 +68,7 @@ def _prime_forward_ad(device: torch.device) -> None:
 
 
 def measure(name: str, order: int, batch: int, config: dict, device: str, warmup: int, reps: int,
-            threads: int | None, seed: int = 0) -> dict:
+            threads: int | None, seed: int = 0, probe_product: str = "jvp") -> dict:
     """Time and peak memory of one training step (run in a fresh process on CPU)."""
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated")
     if threads:
@@ -87,7 +87,8 @@ def measure(name: str, order: int, batch: int, config: dict, device: str, warmup
 
     def step():
         net.zero_grad(set_to_none=True)
-        losses = dsm_losses(model, x0, sde, order=order, generator=gen, divergence="hutchinson")
+        losses = dsm_losses(model, x0, sde, order=order, generator=gen, divergence="hutchinson",
+                            probe_product=probe_product)
         sum(v.mean() for v in losses.values()).backward()
 
     _prime_forward_ad(dev)

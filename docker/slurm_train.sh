@@ -21,7 +21,9 @@
 # plugin explicitly, e.g. to turn requeueing off:
 #   --trainer.plugins=lightning.fabric.plugins.environments.SLURMEnvironment --trainer.plugins.auto_requeue=false
 #
-# Containers: prefix python with your site's runtime, e.g. (pyxis/enroot)
+# Python: the project's virtual environment by default (PYTHON=.venv/bin/python, created by
+# `make install`; run from the repository root). Inside a container image set PYTHON=python and
+# prefix it with your site's runtime, e.g. (pyxis/enroot)
 #   srun --container-image=hosm-lightning.sqsh --container-mounts=$PWD:/workspace/hosm-lightning python cli.py ...
 # or (Apptainer) srun apptainer exec --nv hosm-lightning.sif python cli.py ...
 #
@@ -40,10 +42,11 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"   # the repository root (submit from there)
 
+PYTHON=${PYTHON:-.venv/bin/python}
 SUBCOMMAND=${SUBCOMMAND:-fit}
 CONFIG=${CONFIG:-configs/cifar10_vp_ddpmpp.yaml}
-# trainer.default_root_dir (checkpoints/ and hpc_ckpt_*): the config's, unless ROOT_DIR is set
-ROOT_DIR=${ROOT_DIR:-$(python -c "import sys, yaml; print((yaml.safe_load(open(sys.argv[1])).get('trainer') or {}).get('default_root_dir') or '.')" "$CONFIG")}
+# trainer.default_root_dir (the run folder: checkpoints/, hpc_ckpt_*, TensorBoard): the config's, unless ROOT_DIR is set
+ROOT_DIR=${ROOT_DIR:-$("$PYTHON" -c "import sys, yaml; print((yaml.safe_load(open(sys.argv[1])).get('trainer') or {}).get('default_root_dir') or '.')" "$CONFIG")}
 GPUS_PER_NODE=${SLURM_NTASKS_PER_NODE:-4}
 NNODES=${SLURM_NNODES:-1}
 EXTRA=${EXTRA:-}
@@ -65,7 +68,7 @@ fi
 
 echo "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE GPU(s), $SUBCOMMAND --config $CONFIG"
 # shellcheck disable=SC2086  # EXTRA is a list of flags
-srun python cli.py "$SUBCOMMAND" --config "$CONFIG" \
+srun "$PYTHON" cli.py "$SUBCOMMAND" --config "$CONFIG" \
     --trainer.accelerator gpu \
     --trainer.num_nodes "$NNODES" \
     --trainer.devices "$GPUS_PER_NODE" \

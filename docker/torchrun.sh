@@ -15,24 +15,28 @@
 # MASTER_PORT for every process, and Lightning detects TorchElasticEnvironment from them. The
 # --trainer.num_nodes/--trainer.devices flags appended below must match --nnodes/--nproc_per_node.
 # Inside Docker use --gpus all --ipc=host --network=host (NCCL needs the host network between nodes).
+# Python: the project's virtual environment, PYTHON=${PYTHON:-.venv/bin/python} (created by
+# `make install`); inside the Docker image set PYTHON=python. `$PYTHON -m torch.distributed.run` is
+# what the `torchrun` command runs.
 set -euo pipefail
 
+cd "$(dirname "$0")/.."   # the repository root
+PYTHON=${PYTHON:-.venv/bin/python}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 ACCELERATOR=${ACCELERATOR:-gpu}
 
 if [[ $# -lt 1 ]]; then
-    echo "usage: $0 {fit,validate,test} --config configs/<name>.yaml [more cli.py flags]" >&2
+    echo "usage: $0 {fit,validate,test,likelihood} --config configs/<name>.yaml [more cli.py flags]" >&2
     exit 2
 fi
 SUBCOMMAND=$1
 shift
 
-cd "$(dirname "$0")/.."
-exec torchrun \
+exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" \
     --node_rank "$NODE_RANK" \
     --nproc_per_node "$NPROC_PER_NODE" \

@@ -4,6 +4,7 @@ Each script runs as a subprocess into a temporary results folder; the tests chec
 tables and figures exist, have the expected rows, and that every NLL is a finite number.
 """
 
+import json
 import math
 import re
 import subprocess
@@ -11,12 +12,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["order 1, pre-training only", "order 1 (baseline)", "order 1 → 2 (staged)", "order 1 → 3 (staged)",
-           "order 2 from scratch", "order 3 from scratch"]
+METHODS = ["order 1 (control)", "order 1 → 2", "order 1 → 3 (exact)"]
 
 
-def _run(script: str, out: Path, timeout: int) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+def _run(script: str, out: Path, timeout: int, *extra: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -28,25 +28,43 @@ def _rows(text: str, first_cell: str) -> list[list[str]]:
 
 
 def test_synthetic_quick(tmp_path):
-    stdout = _run("synthetic.py", tmp_path, timeout=240)
+    """The paper's protocol end to end at toy scale: pre-training, fine-tunes from its checkpoint,
+    paired table, diagnostics and the KL identity for the mixtures, figures."""
+    stdout = _run("synthetic.py", tmp_path, 600, "--datasets", "mog1d,gmm2d,checkerboard")
     md = (tmp_path / "synthetic.md").read_text()
-    assert "| dataset | method | order × steps | test NLL (nats) |" in md
-    assert md.strip() in stdout  # the same table is printed
-    for name in ("fig1_mog1d.png", "density_checkerboard.png", "density_swissroll.png"):
-        png = tmp_path / name
-        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    for dataset, entropy in (("mog1d", "-0.1289"), ("checkerboard", "3.4657"), ("swissroll", "n/a")):
-        rows = _rows(md, dataset)
-        assert [r[1] for r in rows] == METHODS, (dataset, rows)
+    assert md.strip() in stdout  # the same report is printed
+    assert "| dataset | method | test NLL ± s.e. | KL (nats) ± s.e. | Δ vs control ± s.e. |" in md
+    for name in ("fig1_mog1d.png", "density_gmm2d.png", "density_checkerboard.png", "diagnostics_mog1d.png",
+                 "diagnostics_gmm2d.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for dataset in ("mog1d", "gmm2d", "checkerboard"):
+        rows = [r for r in _rows(md, dataset) if r[1] in METHODS + ["order 1 → 3 (Hutchinson)"]]
+        expected = METHODS + ([] if dataset == "mog1d" else ["order 1 → 3 (Hutchinson)"])
+        assert sorted(r[1] for r in rows) == sorted(expected), (dataset, rows)
         for r in rows:
-            nll, se = float(r[3]), float(r[4])
-            assert math.isfinite(nll) and math.isfinite(se) and se > 0, r
-            assert r[5] == entropy, r
-            assert r[7] == "(reference)" if r[1] == "order 1 (baseline)" else re.fullmatch(r"[+-][0-9.]+ ± [0-9.]+", r[7]), r
-            assert int(r[8]) > 0, r  # NFE
-    # order 1 → k staged runs really trained order k after the resume (not the checkpoint's stages)
-    mog = {r[1]: float(r[3]) for r in _rows(md, "mog1d")}
-    assert mog["order 1 → 2 (staged)"] != mog["order 1 (baseline)"] != mog["order 1 → 3 (staged)"]
+            nll, se = (float(v) for v in r[2].split(" ± "))
+            assert math.isfinite(nll) and se > 0, r
+            kl = r[3]
+            assert re.fullmatch(r"-?[0-9.]+ ± [0-9.]+", kl), r  # exact density known for all three
+            assert r[4] == "(control)" if r[1] == METHODS[0] else re.fullmatch(r"[+-][0-9.]+ ± [0-9.]+", r[4]), r
+    # the fine-tunes really trained their own objective (different weights → different NLL)
+    mog = {r[1]: r[2] for r in _rows(md, "mog1d")}
+    assert len({mog[m] for m in METHODS}) == 3
+    assert "## mog1d: the KL identity" in md and "## gmm2d: the KL identity" in md
+    data = json.loads((tmp_path / "synthetic.json").read_text())
+    assert set(data["mog1d"]["identity"]) == {"o1", "o3"}
+
+
+def test_synthetic_sweep_quick(tmp_path):
+    stdout = _run("synthetic.py", tmp_path, 600, "--sweep")
+    md = (tmp_path / "sweep.md").read_text()
+    assert md.strip() in stdout
+    rec = json.loads((tmp_path / "sweep.json").read_text())["recipe"]
+    assert set(rec) == {"lr", "lambda3", "steps", "ema_decay", "warmup"}
+    assert "**Chosen recipe**" in md
+    orders = {r[0] for r in _rows(md, "1") + _rows(md, "2") + _rows(md, "3")}
+    assert orders == {"1", "2", "3"}
+    assert "none" in md  # the no-clipping run is in the table
 
 
 def test_likelihood_speed_quick(tmp_path):

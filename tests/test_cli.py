@@ -22,7 +22,7 @@ def small_config(name: str, tmp: Path) -> Path:
     tr, model, data = cfg["trainer"], cfg["model"], cfg["data"]["init_args"]
     tr.update(default_root_dir=str(tmp), max_steps=6, val_check_interval=6, log_every_n_steps=1,
               enable_progress_bar=False, accelerator="cpu", devices=1)
-    tr["logger"]["init_args"]["save_dir"] = str(tmp / "tb")
+    assert "logger" not in tr  # the CLI's TensorBoard logger writes into default_root_dir (issue 11)
     for cb in tr["callbacks"]:
         if cb["class_path"].endswith("LikelihoodEvaluator"):
             cb["init_args"]["num_repeats"] = 1
@@ -144,7 +144,7 @@ def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "dump.yaml"), "--print_config"])
     assert capsys.readouterr().out == first
-    assert yaml.safe_load(first)["model"]["stages"][2] == {"order": 3, "steps": None}
+    assert yaml.safe_load(first)["model"]["stages"][2] == {"order": 3, "steps": None, "lr": None}  # lr: per-stage learning rate (issue 9)
 
 
 def _run_cli(*args):

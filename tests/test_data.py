@@ -1,4 +1,4 @@
-"""Synthetic toy data and the CIFAR-10 DataModule (DESIGN.md §5, §6)."""
+"""Synthetic toy data and the CIFAR-10 DataModule (docs/design.md §5, §6)."""
 
 import math
 import pickle

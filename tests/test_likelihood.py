@@ -1,4 +1,4 @@
-"""Tests of hosm_lightning.core.likelihood, anchored on exact Gaussian-mixture scores (DESIGN.md §4)."""
+"""Tests of hosm_lightning.core.likelihood, anchored on exact Gaussian-mixture scores (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -324,7 +324,7 @@ def test_bpd_through_ode_matches_exact_density_in_both_conventions():
         assert info["nfe"] > 0 and info["x_T"].shape == (32, 1, 2, 2)
         y = dequantize(x, torch.Generator().manual_seed(20)).double()
         y = 2 * y - 1 if centered else y
-        # per point, the ODE model is the anchor density (DESIGN.md §4): tight
+        # per point, the ODE model is the anchor density (docs/design.md §4): tight
         model = nats_to_bpd(anchor(mix, sde, y, info["x_T"]), 4, centered)
         assert (bpd.double() - model).abs().max() < 2e-4, (bpd.double() - model).abs().max()
         # against the data density q_0 the prior mismatch log pi - log q_T (off-centre data under VP,

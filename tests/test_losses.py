@@ -1,4 +1,4 @@
-"""High-order DSM losses against the exact Gaussian-mixture score (DESIGN.md §3)."""
+"""High-order DSM losses against the exact Gaussian-mixture score (docs/design.md §3)."""
 
 import pytest
 import torch
@@ -222,7 +222,7 @@ def test_bad_data_and_score_shapes():
 
 
 def _reference_terms(net_fn, x0, sde, t, z, v, mode, transpose=False):
-    """Independent reference (full Jacobian by reverse-mode loops) of DESIGN.md §3, for D = 2."""
+    """Independent reference (full Jacobian by reverse-mode loops) of docs/design.md §3, for D = 2."""
     a, sigma = sde.marginal(t)
     xt = (a[:, None] * x0 + sigma[:, None] * z).requires_grad_(True)
     s = net_fn(xt, t)

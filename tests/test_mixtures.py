@@ -26,7 +26,7 @@ SDES = {"vp": VPSDE, "ve": VESDE}
 
 
 def ref_marginal(name: str, t: float) -> tuple[float, float]:
-    """(a, sigma) of DESIGN.md §2, written out independently of sde.py."""
+    """(a, sigma) of docs/design.md §2, written out independently of sde.py."""
     if name == "vp":
         log_a = -0.25 * t * t * (20.0 - 0.1) - 0.5 * t * 0.1
         return math.exp(log_a), math.sqrt(-math.expm1(2 * log_a))

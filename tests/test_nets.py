@@ -1,4 +1,4 @@
-"""Toy score net and the score parameterisation wrapper (DESIGN.md §2, §5)."""
+"""Toy score net and the score parameterisation wrapper (docs/design.md §2, §5)."""
 
 import pytest
 import torch

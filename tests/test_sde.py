@@ -1,4 +1,4 @@
-"""Tests of hosm_lightning.core.sde against independent float64 closed forms (DESIGN.md §2)."""
+"""Tests of hosm_lightning.core.sde against independent float64 closed forms (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ SMIN, SMAX = 0.01, 50.0
 T_GRID = [1e-5, 1e-3, 0.05, 0.2, 0.5, 0.9, 1.0]
 
 
-# -- independent float64 references (DESIGN.md §2) ------------------------------------------------
+# -- independent float64 references (docs/design.md §2) ------------------------------------------------
 def ref_beta(t):
     return BMIN + t * (BMAX - BMIN)
 

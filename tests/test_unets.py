@@ -1,4 +1,4 @@
-"""DDPM++ / NCSN++ U-Nets (DESIGN.md §6): FIR resampling, parameterisations, third-order
+"""DDPM++ / NCSN++ U-Nets (docs/design.md §6): FIR resampling, parameterisations, third-order
 differentiability, a finite-difference check of the order-3 loss gradient, checkpoint import.
 
 Tiny configurations only (nf 16, ch_mult (1, 2), one block per level, 8×8 images, batch 2).

@@ -1,4 +1,4 @@
-"""Exact likelihood and sampling with the probability-flow ODE (DESIGN.md §4).
+"""Exact likelihood and sampling with the probability-flow ODE (docs/design.md §4).
 
 Instantaneous change of variables along dx/dt = h(x,t) = f(x,t) - 1/2 g(t)² s(x,t):
 
@@ -13,7 +13,6 @@ each rank and would hang inside a DDP wrapper.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -23,6 +22,9 @@ from torchdiffeq import odeint
 from .losses import ScoreFn, check_score_output, rademacher, resolve_divergence
 from .sde import SDE
 from .seeding import make_generator
+
+# bits/dim and dequantization live in core/dequantization.py; re-exported here for existing imports
+from .dequantization import bits_per_dim, dequantize, nats_to_bpd  # noqa: E402,F401
 
 __all__ = ["ode_log_likelihood", "ode_sample", "seeded_prior", "bits_per_dim", "dequantize", "nats_to_bpd"]
 
@@ -202,51 +204,3 @@ def seeded_prior(sde: SDE, indices, shape, *key, device=None) -> Tensor:
     return torch.cat([
         sde.prior_sample((1, *shape), generator=make_generator(*key, i, device=device), device=device) for i in indices
     ])
-
-
-def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantization of 8-bit data: y = (k + u) / 256, u ~ U[0,1)^D, in [0, 1).
-
-    ``x`` is either uint8 (k = x) or float on the grid k / 255 in [0, 1] (k = round(255 x)).
-    """
-    if x.dtype == torch.uint8:
-        k = x.float()
-    else:
-        if x.min() < 0 or x.max() > 1:
-            raise ValueError(f"float images must lie in [0, 1] (k/255); got range [{float(x.min()):.3g}, {float(x.max()):.3g}]")
-        k = torch.round(x.float() * 255)
-    u = torch.rand(x.shape, generator=generator, device=x.device)
-    y = (k + u) / 256
-    # in float32, k + u rounds up to k + 1 when u > 1 - 2^-17 (k >= 128): keep y inside [k/256, (k+1)/256)
-    return torch.minimum(y, torch.nextafter((k + 1) / 256, torch.zeros_like(y)))
-
-
-def nats_to_bpd(logp: Tensor, dim: int, centered: bool) -> Tensor:
-    """bpd = -log p(y) / (D ln 2) + offset, offset 8 for y in [0,1] and 7 for y in [-1,1].
-
-    The 8 bits are the 256 bins of width 1/256; for [-1,1] data the map y ↦ 2y - 1 has
-    Jacobian 2^D, which removes one bit per dimension.
-    """
-    return -logp / (dim * math.log(2)) + (7.0 if centered else 8.0)
-
-
-def bits_per_dim(log_prob_fn, x: Tensor, *, centered: bool, generator: torch.Generator | None = None):
-    """Bits per dimension of 8-bit data under a continuous model, with uniform dequantization.
-
-    Args:
-        log_prob_fn: maps model-space points [B, ...] to ``logp`` [B] in nats, or to ``(logp, info)``
-            (e.g. ``functools.partial(ode_log_likelihood, score_fn, sde, eps=1e-5)``).
-        x: uint8 images, or floats k/255 in [0, 1], [B, ...].
-        centered: the model sees data in [-1, 1] (True, VP/subVP) or [0, 1] (False, VE).
-        generator: RNG for the dequantization noise.
-
-    Returns:
-        ``(bpd [B], info)``; info is the model's info dict plus ``logp``.
-    """
-    _check_batch(x)
-    y = dequantize(x, generator)
-    if centered:
-        y = 2 * y - 1
-    out = log_prob_fn(y)
-    logp, info = out if isinstance(out, tuple) else (out, {})
-    return nats_to_bpd(logp, x[0].numel(), centered), {**info, "logp": logp}

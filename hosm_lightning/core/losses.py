@@ -1,4 +1,4 @@
-"""First-, second- and third-order denoising score matching (Lu et al. 2022, §4; DESIGN.md §3).
+"""First-, second- and third-order denoising score matching (Lu et al. 2022, §4; docs/design.md §3).
 
 Per sample: t ~ U(eps, T) (or the importance proposal), z ~ N(0, I), x_t = a x_0 + sigma z,
 s = s_theta(x_t, t), J = ∂s/∂x, ŝ = stopgrad(s), c = z + sigma ŝ, D = number of data dimensions.

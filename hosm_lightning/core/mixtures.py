@@ -9,7 +9,7 @@ u_k(x) = -(x - a mu_k) / v_k and posterior responsibilities w_k(x) = pi_k N_k(x)
     third      ∇ tr H                 = sum_k w_k [(u_k - s) A_k - 2 u_k / v_k] - 2 H s,
                with A_k = |u_k|² - sum_d 1/v_kd.
 
-These anchor every test of the losses and the likelihood (DESIGN.md §4 "Exactness anchor").
+These anchor every test of the losses and the likelihood (docs/design.md §4 "Exactness anchor").
 Points are flat, shape [B, D]; times t have shape [B] (or are a float).
 """
 

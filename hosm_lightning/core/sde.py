@@ -26,7 +26,7 @@ class SDE:
     """Common interface. Subclasses define ``marginal``, ``g2`` and ``beta`` (drift rate, 0 for VE)."""
 
     T: float = 1.0
-    #: smallest time for training and likelihood (DESIGN.md §2)
+    #: smallest time for training and likelihood (docs/design.md §2)
     default_eps: float = 1e-5
     #: smallest time at which the sampler stops
     default_sample_eps: float = 1e-5

@@ -1,4 +1,4 @@
-"""CIFAR-10 from the standard python-pickle directory ``<root>/cifar-10-batches-py/`` (DESIGN.md §6).
+"""CIFAR-10 from the standard python-pickle directory ``<root>/cifar-10-batches-py/`` (docs/design.md §6).
 
 Train batches are float32 [B, 3, 32, 32] in the model range ([-1, 1] if ``centered`` else [0, 1])
 with optional random horizontal flips. Validation (the last ``val_size`` training images, held out
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from .sharding import eval_sampler
 
 __all__ = ["CIFAR10DataModule", "read_cifar10", "write_fake_cifar10"]
 
@@ -150,10 +152,12 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     Args:
         root: folder containing ``cifar-10-batches-py/``.
-        batch_size / eval_batch_size: train / val-and-test batch sizes (per rank).
+        batch_size: training batch size per rank (paper: 128 in total; 48 for order 3).
+        eval_batch_size: validation and test batch size per rank.
         centered: train data in [-1, 1] (True; DDPM++/NCSN++ convention) or [0, 1].
         random_flip: random horizontal flips of training images.
         download: fetch the archive with torchvision if missing (never otherwise).
+        num_workers: DataLoader worker processes per rank.
         val_size: last ``val_size`` training images held out as validation set (>= 1).
         test_subset: evaluate on the first ``test_subset`` test images only (None: all 10 000).
     """
@@ -203,8 +207,10 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset | None, batch_size: int, train: bool) -> DataLoader:
         if ds is None:
             raise RuntimeError("call setup() (Lightning does) before asking for dataloaders")
+        sampler = None if train else eval_sampler(ds, self.trainer)  # eval: each image once across ranks
         return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                          sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, train=True)

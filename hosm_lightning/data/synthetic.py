@@ -1,4 +1,4 @@
-"""Synthetic toy data of the paper (DESIGN.md §5) as a LightningDataModule.
+"""Synthetic toy data of the paper (docs/design.md §5) as a LightningDataModule.
 
 Samplers are pure functions ``sampler(n, generator) -> float32 [n, d]``. Training draws fresh
 samples every step from a generator seeded by (seed, global_rank, epoch); validation and test use
@@ -14,9 +14,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.mixtures import GaussianMixture, paper_mog1d
+from .sharding import eval_sampler
 
 __all__ = ["checkerboard", "swissroll", "SyntheticDataModule", "DATASETS"]
 
@@ -61,12 +62,15 @@ def _seeded(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-class _FreshBatches(IterableDataset):
+class _FreshBatches:
     """Yields ``steps`` fresh batches [batch_size, d]; batch i of an epoch is drawn from a generator
     seeded with (*key(), i), where key() = (seed, rank, epoch) is read at each ``iter()``.
 
     Every batch is a pure function of (seed, rank, epoch, i), so a run resumed mid-epoch (see
     :class:`_ResumableLoader`) sees exactly the batches the uninterrupted run would have seen.
+    A plain iterable with a length, not a torch ``IterableDataset``: batches are drawn in the main
+    process (no workers, so no duplicated data across workers), which is also why Lightning has
+    no reason to warn about an ``IterableDataset`` with ``__len__``.
     """
 
     def __init__(self, sampler: Callable[[int, torch.Generator], Tensor], batch_size: int, steps: int,
@@ -86,8 +90,18 @@ class _FreshBatches(IterableDataset):
             yield self.sampler(self.batch_size, _seeded(*key, i))
 
 
-class _ResumableLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints (``state_dict``) so mid-epoch resumes continue."""
+class _ResumableLoader:
+    """The training iterable: ``len()`` batches per epoch, and a ``state_dict`` that Lightning saves in
+    checkpoints so that a mid-epoch resume continues the same data stream."""
+
+    def __init__(self, dataset: _FreshBatches):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.dataset)
 
     def state_dict(self) -> dict:
         return {"yielded": self.dataset.yielded}
@@ -109,8 +123,12 @@ class SyntheticDataModule(L.LightningDataModule):
             mixture given by ``means`` [K, D] (or [K] for 1-D), ``variances`` and optional ``weights``).
         batch_size: training batch size (the paper uses 5000); also the eval batch size cap.
         steps_per_epoch: training batches per epoch (all freshly sampled).
-        val_size, test_size: sizes of the fixed validation / test sets.
+        val_size: size of the fixed validation set.
+        test_size: size of the fixed test set.
         seed: base seed. Train key (seed, global_rank, epoch); val seed + 1; test seed + 2.
+        means: name='gmm' only: component means, [K, D] (or [K] for 1-D).
+        variances: name='gmm' only: per-component diagonal variances, [K, D] or [K].
+        weights: name='gmm' only: mixture weights [K] (default uniform).
     """
 
     def __init__(
@@ -192,11 +210,12 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = _FreshBatches(self.sample, self.batch_size, self.steps_per_epoch, self._train_key)
-        return _ResumableLoader(ds, batch_size=None)
+        return _ResumableLoader(ds)
 
     def _fixed_loader(self, data: Tensor) -> DataLoader:
-        return DataLoader(TensorDataset(data), batch_size=min(self.batch_size, len(data)), shuffle=False,
-                          collate_fn=_stack_first)
+        ds = TensorDataset(data)  # each point once across DDP ranks (no sampler padding)
+        return DataLoader(ds, batch_size=min(self.batch_size, len(data)), shuffle=False, collate_fn=_stack_first,
+                          sampler=eval_sampler(ds, self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

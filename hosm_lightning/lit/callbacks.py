@@ -1,4 +1,4 @@
-"""Lightning callback that plots the model's ODE density and samples during validation.
+"""Lightning callbacks: density/sample plots during validation, and a resumable checkpoint on Ctrl-C.
 
 The work happens in ``on_validation_batch_end`` of the first validation batch rather than at the
 end of the epoch: Lightning's ``EMAWeightAveraging`` swaps the EMA weights in at
@@ -18,13 +18,16 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from ..core.likelihood import ode_sample
 from .module import batch_tensor
 from .plots import density_figure_1d, density_figure_2d, exact_logp_2d, image_grid, samples_figure, save_figure
 
-__all__ = ["DensityPlotCallback"]
+__all__ = ["DensityPlotCallback", "InterruptCheckpoint"]
 
 
 class DensityPlotCallback(L.Callback):
@@ -40,7 +43,8 @@ class DensityPlotCallback(L.Callback):
         grid_size: number of 1-D grid points.
         grid_size_2d: points per side of the 2-D grid.
         num_samples: number of ODE samples (16 at most for images).
-        sample_rtol, sample_atol: ODE solver tolerances for sampling.
+        sample_rtol: relative ODE solver tolerance for sampling.
+        sample_atol: absolute ODE solver tolerance for sampling.
         out_dir: PNG folder (default ``<trainer.log_dir>/plots``).
     """
 
@@ -190,6 +194,33 @@ class DensityPlotCallback(L.Callback):
     def _log_figure(trainer, tag: str, fig, step: int) -> None:
         for logger in _tensorboards(trainer):
             logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+
+
+class InterruptCheckpoint(L.Callback):
+    """On Ctrl-C (KeyboardInterrupt) or SIGTERM during ``fit``, write ``last.ckpt`` so that
+    ``fit --ckpt_path last`` resumes the run, even before the first periodic checkpoint.
+
+    The file goes where the (first) ``ModelCheckpoint`` writes, ``<default_root_dir>/checkpoints`` by
+    default. Other exceptions (a bug, a non-finite loss) write nothing: the last periodic checkpoint
+    stays the resume point. Every rank calls it (Ctrl-C and SIGTERM reach all processes of a job).
+    """
+
+    #: path of the checkpoint written on the last interrupt (None if none)
+    last_path: str | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking or trainer.global_step == 0:
+            return  # nothing trained yet: nothing worth resuming
+        cb = next(iter(trainer.checkpoint_callbacks), None)
+        dirpath = getattr(cb, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        path = os.path.join(dirpath, "last.ckpt")
+        trainer.save_checkpoint(path)
+        if cb is not None and getattr(cb, "save_last", False):
+            cb.last_model_path = path
+        self.last_path = path
+        rank_zero_info(f"interrupted at step {trainer.global_step}: wrote {path} (resume with --ckpt_path last)")
 
 
 def _tensorboards(trainer) -> list:

@@ -14,20 +14,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["read_checkpoint", "load_weights", "init_from_checkpoint", "check_signature"]
+__all__ = ["read_checkpoint", "verify_checkpoint", "load_weights", "init_from_checkpoint", "check_signature"]
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` with one-line errors that name the file.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap checks of large checkpoints).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a directory; pass the path of a .ckpt/.pth file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt/.pth file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling error, truncated file, foreign objects ...
-        raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {err}") from err
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # unpickling error, truncated or text file, foreign objects ...
+        if mmap and "mmap" in str(err):  # legacy (non-zip) format: read it normally
+            return read_checkpoint(path, mmap=False)
+        raise ValueError(f"{path} is not a readable checkpoint ({_first_line(err)}); "
+                         "pass a .ckpt file written by this project's fit (or a score_sde .pth)") from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a checkpoint dictionary")
+        raise ValueError(f"{path} is not a checkpoint dictionary (it holds a {type(ckpt).__name__})")
     return ckpt
 
 
@@ -41,19 +54,46 @@ def check_signature(checkpoint: dict, expected: dict, where: str) -> None:
         )
 
 
-def _load_state(model: nn.Module, state: dict, path: Path) -> None:
+def _check_state(model: nn.Module, state: dict, path: Path) -> None:
+    """Raise one error naming the file and the first missing/unexpected keys and shape mismatches."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(v.shape)} in file vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
+    shapes = [f"{k}: {tuple(v.shape)} in file vs {tuple(own[k].shape)} configured" for k, v in state.items()
+              if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
     if missing or unexpected or shapes:
+        found = "; ".join(part for part in (
+            f"shape mismatches {shapes[:3]}" if shapes else "",
+            f"missing keys {missing[:5]}" if missing else "",
+            f"unexpected keys {unexpected[:5]}" if unexpected else "") if part)
         raise ValueError(
-            f"checkpoint {path} does not match the configured model: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:3]}; "
-            "use the model section of the config the checkpoint was trained with"
+            f"checkpoint {path} does not match the configured model (another architecture or data "
+            f"dimension): {found}; use the model section of the config the checkpoint was trained with"
         )
-    model.load_state_dict(state)
+
+
+def verify_checkpoint(model, ckpt_path: str | Path, for_resume: bool = False) -> dict:
+    """Check, without loading anything into ``model``, that ``ckpt_path`` is a Lightning checkpoint of
+    this project that fits ``model`` (a HOSMModule): readable with ``weights_only=True``, same SDE and
+    parameterisation, same parameter names and shapes. Every subcommand calls this before Lightning
+    (or :func:`load_weights`) reads the file, so a wrong file ends with one line naming it.
+
+    ``for_resume`` also requires the training state (optimizer, step counter) that ``fit --ckpt_path``
+    resumes from. Returns the checkpoint dictionary (tensors memory-mapped).
+    """
+    path = Path(ckpt_path)
+    ckpt = read_checkpoint(path, mmap=True)
+    if "state_dict" not in ckpt:
+        hint = (" (a score_sde_pytorch checkpoint: start from it with --model.init_from)" if "model" in ckpt else "")
+        raise ValueError(f"{path} is not a Lightning checkpoint of this project (no 'state_dict' key){hint}")
+    check_signature(ckpt, model.model_signature(), f"checkpoint {path}")
+    _check_state(model, ckpt["state_dict"], path)
+    if "current_model_state" in ckpt:
+        _check_state(model, ckpt["current_model_state"], path)
+    if for_resume and ("optimizer_states" not in ckpt or "global_step" not in ckpt):
+        raise ValueError(f"{path} holds weights only (no optimizer state or step counter) and cannot resume a "
+                         "run; start from its weights with --model.init_from instead of --ckpt_path")
+    return ckpt
 
 
 def load_weights(model, ckpt_path: str | Path, ema: bool = True) -> dict:
@@ -63,12 +103,9 @@ def load_weights(model, ckpt_path: str | Path, ema: bool = True) -> dict:
     weights (``current_model_state``) when the checkpoint has them.
     """
     path = Path(ckpt_path)
-    ckpt = read_checkpoint(path)
-    if "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' key)")
-    check_signature(ckpt, model.model_signature(), f"checkpoint {path}")
+    ckpt = verify_checkpoint(model, path)
     state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
-    _load_state(model, state, path)
+    model.load_state_dict(state)
     return ckpt
 
 

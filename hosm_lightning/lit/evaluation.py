@@ -1,4 +1,4 @@
-"""Exact ODE likelihood of a whole data split at test time, correct under DDP (DESIGN.md §4, §7).
+"""Exact ODE likelihood of a whole data split at test time, correct under DDP (docs/design.md §4, §7).
 
 :class:`LikelihoodEvaluator` is a Lightning callback. At the end of the test epoch every rank
 evaluates its shard of the split, the per-sample values of all ranks are gathered, and each
@@ -26,11 +26,22 @@ sample is counted exactly once:
   The same holds right after ``fit`` in the same process, because ``on_train_end`` copies the
   average into the module.
 
+* **Dequantization protocols** (uint8 data, core/dequantization.py): ``uniform`` (the paper's
+  y = (k + u)/256) and/or ``truncated_normal`` (i-DODE: x_eps = a x̄ + σ n, n a normal truncated to
+  the bin), each with ``num_importance`` = K importance samples per datum (log-mean-exp bound).
+  Each protocol has its own per-sample noise (uniform: (seed, 'likelihood', split, r, i), the
+  key used before protocols existed; truncated normal: the same key plus 'tn').
+
 Logged (once per split, the same value on every rank): ``<split>/nll`` and ``<split>/nll_se``
-(nats, low-D data), or ``<split>/bpd`` and ``<split>/bpd_se`` (uint8 images); also
-``<split>/nfe`` (mean score evaluations per ODE solve), ``<split>/n``, and ``<split>/nll_gap``
-when the data module knows its entropy. Rank 0 can also write the per-sample values to a .npz
-or .csv file.
+(nats, low-D data), or, for uint8 images, ``<split>/bpd_uniform`` / ``<split>/bpd_tn`` with
+``_se`` and ``<split>/nfe_uniform`` / ``<split>/nfe_tn`` per protocol (bits/dim), and
+``<split>/bpd``, ``<split>/bpd_se`` = the uniform value (backward compatible; absent when only
+the truncated normal is evaluated); also ``<split>/nfe`` (mean score evaluations per ODE solve),
+``<split>/n``, ``<split>/nll_gap`` when the data module knows its entropy, and ``<split>/kl``,
+``<split>/kl_se`` when it knows its exact density (a ``mixture`` with ``log_prob``, or the
+checkerboard): the mean over the same points of log q0(x) − log p(x) in nats, with the standard
+error of the per-point difference (much smaller than that of the NLL itself). Rank 0 can also
+write the per-sample values to a .npz or .csv file.
 """
 
 from __future__ import annotations
@@ -48,7 +59,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
 
-from ..core.likelihood import dequantize, nats_to_bpd, ode_log_likelihood
+from ..core.dequantization import TAGS, bits_per_dim, resolve_protocol
+from ..core.likelihood import ode_log_likelihood
 from ..core.losses import rademacher, resolve_divergence
 from ..core.seeding import make_generator
 from .module import batch_tensor
@@ -123,9 +135,16 @@ class LikelihoodEvaluator(L.Callback):
         results_path: rank 0 also writes a JSON summary per split here (``{split}`` as above).
         max_samples: evaluate only the first ``max_samples`` samples of each split (quick checks;
             ``limit_test_batches`` does not apply to this callback). None: the whole split.
+        dequantization: uint8 data only: 'uniform' (paper protocol), 'truncated_normal' (i-DODE,
+            training-free; alias 'tn') or a list of both (each is evaluated and logged).
+        num_importance: K importance samples per datum and repeat for the bits/dim bound
+            (log (1/K) Σ exp(log p − log q)); K model evaluations each. Default 1.
 
     After a test run, ``self.results[split]`` holds ``mean``, ``se``, ``n``, ``num_repeats``,
-    ``metric`` ('nll' or 'bpd'), ``nfe``, ``seconds`` and ``world_size`` (float64 values).
+    ``metric`` ('nll' or 'bpd'), ``nfe``, ``seconds`` and ``world_size`` (float64 values); for
+    bits/dim also ``dequantization`` (the protocol of ``mean``: uniform when evaluated),
+    ``num_importance`` and ``protocols`` ({protocol: {mean, se, nfe, tag, ...}}); ``kl``/``kl_se``
+    when the data's exact density is known.
     """
 
     #: HOSMModule.test_step skips its own per-batch likelihood when a callback sets this
@@ -145,6 +164,8 @@ class LikelihoodEvaluator(L.Callback):
         seed: int | None = None,
         results_path: str | None = None,
         max_samples: int | None = None,
+        dequantization: str | list[str] = "uniform",
+        num_importance: int = 1,
     ):
         super().__init__()
         splits = ["test"] if splits is None else list(splits)
@@ -160,6 +181,10 @@ class LikelihoodEvaluator(L.Callback):
         if max_samples is not None and int(max_samples) < 1:
             raise ValueError(f"LikelihoodEvaluator.max_samples must be >= 1 or None, got {max_samples!r}")
         resolve_divergence(divergence, 1)
+        self.protocols = parse_protocols(dequantization)
+        if int(num_importance) != num_importance or int(num_importance) < 1:
+            raise ValueError(f"LikelihoodEvaluator.num_importance must be an integer >= 1, got {num_importance!r}")
+        self.num_importance = int(num_importance)
         self.max_samples = None if max_samples is None else int(max_samples)
         self.num_repeats, self.splits, self.per_sample_path = int(num_repeats), splits, per_sample_path
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -189,78 +214,125 @@ class LikelihoodEvaluator(L.Callback):
         loader = DataLoader(Subset(dataset, indices), batch_size=bs, shuffle=False, collate_fn=collate_fn, num_workers=0)
         device = pl_module.device
         seed = pl_module.seed if self.seed is None else self.seed
-        values = torch.empty(len(indices), self.num_repeats, dtype=torch.float64)
-        nfe_sum, solves, pos, start = 0.0, 0, 0, time.perf_counter()
+        image = _is_image_dataset(dataset)
+        protocols = self.protocols if image else [None]
+        values = {p: torch.empty(len(indices), self.num_repeats, dtype=torch.float64) for p in protocols}
+        nfe = {p: [0.0, 0] for p in protocols}
+        pos, start = 0, time.perf_counter()
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        metric = None
         for batch in _progress(loader, show, f"{split} likelihood ({self.num_repeats} repeat(s), rank 0)"):
             x = batch_tensor(batch).to(device)
             ids = indices[pos:pos + len(x)]
             for rep in range(self.num_repeats):
-                val, nfe, metric = self._values(pl_module, x, ids, split, rep, seed)
-                values[pos:pos + len(x), rep] = val.detach().double().cpu()
-                nfe_sum, solves = nfe_sum + nfe, solves + 1
+                for p in protocols:
+                    val, nfe_p = self._values(pl_module, x, ids, split, rep, seed, p)
+                    values[p][pos:pos + len(x), rep] = val.detach().double().cpu()
+                    nfe[p][0] += nfe_p
+                    nfe[p][1] += 1
             pos += len(x)
         if pos != len(indices):
             raise RuntimeError(f"the {split} loader yielded {pos} samples, expected {len(indices)}")
-        if metric is None:  # no local batch (cannot happen: DistributedSampler gives every rank >= 1 index)
-            metric = "bpd" if _is_image_dataset(dataset) else "nll"
+        metric = "bpd" if image else "nll"
         # one collective per tensor, called by every rank the same number of times
-        local = torch.cat([torch.tensor(indices, dtype=torch.float64)[:, None], values], 1).to(device)
-        unique = gather_unique(trainer.strategy, local, n)
-        stats = trainer.strategy.all_gather(torch.tensor([nfe_sum, float(solves)], dtype=torch.float64, device=device))
-        stats = stats.reshape(-1, 2).sum(0).cpu()
-        res = summarize(unique[:, 1:])
-        res.update(split=split, metric=metric, nfe=(stats[0] / stats[1].clamp_min(1)).item(),
-                   seconds=time.perf_counter() - start, world_size=world)
-        entropy = getattr(getattr(trainer, "datamodule", None), "entropy", None)
-        if metric == "nll" and entropy is not None:
-            res["entropy"], res["gap"] = float(entropy), res["mean"] - float(entropy)
+        cols = [torch.tensor(indices, dtype=torch.float64)[:, None]] + [values[p] for p in protocols]
+        unique = gather_unique(trainer.strategy, torch.cat(cols, 1).to(device), n)
+        stats = torch.tensor([v for p in protocols for v in nfe[p]], dtype=torch.float64, device=device)
+        stats = trainer.strategy.all_gather(stats).reshape(-1, 2 * len(protocols)).sum(0).cpu()
+        r = self.num_repeats
+        per = {p: unique[:, 1 + q * r:1 + (q + 1) * r] for q, p in enumerate(protocols)}
+        dm = getattr(trainer, "datamodule", None)
+        summaries = {}
+        for q, p in enumerate(protocols):
+            summ = summarize(per[p])
+            summ["nfe"] = (stats[2 * q] / stats[2 * q + 1].clamp_min(1)).item()
+            summaries[p] = summ
+        primary = "uniform" if "uniform" in protocols else protocols[0]
+        res = dict(summaries[primary])
+        res.update(split=split, metric=metric, seconds=time.perf_counter() - start, world_size=world)
+        entropy = getattr(dm, "entropy", None)
+        if metric == "nll":
+            if entropy is not None:
+                res["entropy"], res["gap"] = float(entropy), res["mean"] - float(entropy)
+            res.update(_kl(dm, dataset, per[None]))
+        else:
+            res.update(dequantization=primary, num_importance=self.num_importance, protocols={})
+            exact = _exact_bits(dm, dataset)
+            for p in protocols:
+                entry = {**summaries[p], "tag": TAGS[p], "num_importance": self.num_importance}
+                if exact is not None:  # bits/dim minus the exact −log2 P(k)/D, paired per sample
+                    diff = per[p].double().mean(1) - exact
+                    entry["gap"] = diff.mean().item()
+                    entry["gap_se"] = (diff.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+                res["protocols"][p] = entry
+            if entropy is not None:
+                res["entropy"] = float(entropy)
         self.results[split] = res
         if trainer.is_global_zero:
-            self._write(split, unique, res)
+            self._write(split, unique, res, protocols)
         return res
 
-    def _values(self, pl_module, x: Tensor, ids: list[int], split: str, rep: int, seed: int):
-        """Per-sample NLL (nats) or bpd of one batch in one repeat, with per-sample noise."""
-        image = x.dtype == torch.uint8
+    def _values(self, pl_module, x: Tensor, ids: list[int], split: str, rep: int, seed: int, protocol: str | None):
+        """Per-sample NLL (nats) or bpd of one batch in one repeat with one protocol; per-sample noise."""
         dim = x[0].numel()
         mode = resolve_divergence(self.divergence, dim)
-        gens = [make_generator(seed, "likelihood", split, rep, int(i), device=x.device) for i in ids]
-        if image:  # uniform dequantization, then the model's scaling (DESIGN.md §4)
-            y = torch.cat([dequantize(x[j:j + 1], g) for j, g in enumerate(gens)])
-            centered = bool(getattr(pl_module, "data_centered", True))
-            y = 2 * y - 1 if centered else y
-        else:
-            y = x if x.is_floating_point() else x.float()
-        v = torch.cat([rademacher((1, *y.shape[1:]), y, g) for g in gens]) if mode == "hutchinson" else None
+        key = (seed, "likelihood", split, rep)
+        extra = () if protocol in (None, "uniform") else ("tn",)
+        gens = [make_generator(*key, int(i), *extra, device=x.device) for i in ids]
         ode = dict(getattr(pl_module, "ode_kwargs", {}))
         if self.rtol is not None:
             ode["rtol"] = self.rtol
         if self.atol is not None:
             ode["atol"] = self.atol
-        logp, info = ode_log_likelihood(pl_module.score_model, pl_module.sde, y.contiguous(), method=self.method,
-                                        divergence=mode, v=v, options=self.options, **ode)
-        if image:
-            return nats_to_bpd(logp, dim, centered), info["nfe"], "bpd"
-        return -logp, info["nfe"], "nll"
+        nfe = [0]
+
+        def log_prob(y: Tensor):
+            # probes after the dequantization noise, from the same per-sample generators: [K, B, ...]
+            v = None
+            if mode == "hutchinson":
+                k_imp = y.shape[0] // len(gens)
+                v = torch.cat([rademacher((k_imp, 1, *y.shape[1:]), y, g) for g in gens], 1).reshape(y.shape)
+            logp, info = ode_log_likelihood(pl_module.score_model, pl_module.sde, y.contiguous(), method=self.method,
+                                            divergence=mode, v=v, options=self.options, **ode)
+            nfe[0] += info["nfe"]
+            return logp
+
+        if protocol is None:  # low-D float data: NLL in nats
+            y = x if x.is_floating_point() else x.float()
+            return -log_prob(y), nfe[0]
+        centered = bool(getattr(pl_module, "data_centered", True))
+        eps = ode.get("eps", getattr(pl_module, "eps", None))
+        bpd, _ = bits_per_dim(log_prob, x, centered=centered, generator=gens, dequantization=protocol,
+                              num_importance=self.num_importance, sde=pl_module.sde, eps=eps)
+        return bpd, nfe[0]
 
     # -- output ---------------------------------------------------------------------------------
     def _log(self, pl_module, split: str, res: dict) -> None:
         # identical values on every rank: sync_dist averages equal numbers (and keeps Lightning's
         # distributed epoch-level logging check quiet)
         m = res["metric"]
-        logs = {f"{split}/{m}": res["mean"], f"{split}/{m}_se": res["se"], f"{split}/nfe": res["nfe"],
-                f"{split}/n": float(res["n"])}
+        logs = {f"{split}/nfe": res["nfe"], f"{split}/n": float(res["n"])}
+        if m == "nll":
+            logs.update({f"{split}/nll": res["mean"], f"{split}/nll_se": res["se"]})
+        for p, e in res.get("protocols", {}).items():
+            logs.update({f"{split}/bpd_{e['tag']}": e["mean"], f"{split}/bpd_{e['tag']}_se": e["se"],
+                         f"{split}/nfe_{e['tag']}": e["nfe"]})
+            if "gap" in e:
+                logs[f"{split}/bpd_{e['tag']}_gap"] = e["gap"]
+            if p == "uniform":  # backward compatible: test/bpd is the uniform protocol
+                logs.update({f"{split}/bpd": e["mean"], f"{split}/bpd_se": e["se"]})
         if "gap" in res:
             logs[f"{split}/nll_gap"] = res["gap"]
+        if "kl" in res:
+            logs.update({f"{split}/kl": res["kl"], f"{split}/kl_se": res["kl_se"]})
         for k, v in logs.items():
             pl_module.log(k, v, sync_dist=True)
-        unit = "bits/dim" if m == "bpd" else "nats"
-        rank_zero_info(
-            f"{split} {m}: {res['mean']:.5f} ± {res['se']:.5f} {unit} (n={res['n']}, repeats={res['num_repeats']}, "
-            f"mean NFE {res['nfe']:.0f}, {res['seconds']:.1f} s on {res['world_size']} rank(s))"
-        )
+        where = f"(n={res['n']}, repeats={res['num_repeats']}, {res['seconds']:.1f} s on {res['world_size']} rank(s))"
+        if m == "nll":
+            kl = f", KL {res['kl']:.5f} ± {res['kl_se']:.5f}" if "kl" in res else ""
+            rank_zero_info(f"{split} nll: {res['mean']:.5f} ± {res['se']:.5f} nats{kl} (mean NFE {res['nfe']:.0f}) {where}")
+        for p, e in res.get("protocols", {}).items():
+            rank_zero_info(f"{split} bpd ({p}, K={e['num_importance']}): {e['mean']:.5f} ± {e['se']:.5f} bits/dim "
+                           f"(mean NFE {e['nfe']:.0f}) {where}")
 
     def _path(self, template: str, split: str) -> Path:
         if "{split}" in template:
@@ -268,23 +340,82 @@ class LikelihoodEvaluator(L.Callback):
         path = Path(template)
         return path.with_name(f"{path.stem}_{split}{path.suffix}") if len(self.splits) > 1 else path
 
-    def _write(self, split: str, unique: Tensor, res: dict) -> None:
+    def _write(self, split: str, unique: Tensor, res: dict, protocols: list) -> None:
+        r = self.num_repeats
+        idx = unique[:, 0].long().numpy()
+        blocks = {p: unique[:, 1 + q * r:1 + (q + 1) * r].numpy() for q, p in enumerate(protocols)}
+        primary = res.get("dequantization")
         if self.per_sample_path:
             path = self._path(self.per_sample_path, split)
             path.parent.mkdir(parents=True, exist_ok=True)
-            idx, vals = unique[:, 0].long().numpy(), unique[:, 1:].numpy()
+            single = len(protocols) == 1
+            names = {p: res["metric"] if single else f"{res['metric']}_{TAGS[p]}" for p in protocols}
             if path.suffix == ".csv":
                 with open(path, "w", newline="") as fh:
                     w = csv.writer(fh)
-                    w.writerow(["index", *[f"{res['metric']}_rep{r}" for r in range(vals.shape[1])], "mean"])
-                    for i, row in zip(idx, vals):
-                        w.writerow([int(i), *[repr(float(v)) for v in row], repr(float(row.mean()))])
+                    head = ["index"]
+                    for p in protocols:
+                        head += [f"{names[p]}_rep{j}" for j in range(r)] + (["mean"] if single else [f"{names[p]}_mean"])
+                    w.writerow(head)
+                    for row_i, i in enumerate(idx):
+                        row = [int(i)]
+                        for p in protocols:
+                            vals = blocks[p][row_i]
+                            row += [repr(float(v)) for v in vals] + [repr(float(vals.mean()))]
+                        w.writerow(row)
             else:
-                np.savez(path, index=idx, value=vals, mean=vals.mean(1), metric=res["metric"], summary=json.dumps(res))
+                main = blocks[primary if primary in blocks else protocols[0]]
+                extra = {} if single else {f"value_{TAGS[p]}": blocks[p] for p in protocols}
+                np.savez(path, index=idx, value=main, mean=main.mean(1), metric=res["metric"], summary=json.dumps(res),
+                         **extra)
         if self.results_path:
             path = self._path(self.results_path, split)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(res, indent=2))
+
+
+def parse_protocols(value) -> list[str]:
+    """'uniform' | 'truncated_normal' | 'tn' | 'uniform,tn' | '[uniform, tn]' | a list -> canonical names."""
+    if isinstance(value, str):
+        value = [v for v in value.strip().strip("[]").replace(" ", "").split(",") if v]
+    out = [resolve_protocol(v) for v in (value or [])]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"dequantization must name 'uniform' and/or 'truncated_normal' once each, got {value!r}")
+    return out
+
+
+def _points(dataset) -> Tensor:
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([it[0] if isinstance(it, (list, tuple)) else it for it in items])
+
+
+def _kl(dm, dataset, nll: Tensor) -> dict:
+    """{'kl', 'kl_se'}: mean and s.e. over points of log q0(x) − log p(x) (nats), if q0 is known exactly."""
+    if dm is None:
+        return {}
+    mixture = getattr(dm, "mixture", None)
+    x = _points(dataset).double()
+    logq0 = None
+    if mixture is not None and hasattr(mixture, "log_prob"):
+        logq0 = mixture.log_prob(x.reshape(len(x), -1))
+    elif x[0].numel() == 2:
+        from .plots import exact_logp_2d
+
+        logq0 = exact_logp_2d(getattr(dm, "name", ""), x.reshape(-1, 2))
+    if logq0 is None:
+        return {}
+    diff = logq0.double().cpu() + nll.double().mean(1)
+    n = len(diff)
+    return {"kl": diff.mean().item(), "kl_se": (diff.std() / math.sqrt(n)).item() if n > 1 else float("nan")}
+
+
+def _exact_bits(dm, dataset) -> Tensor | None:
+    """Per-sample −log2 P(k)/D of uint8 data whose distribution is known exactly (discrete data), or None."""
+    dist = getattr(dm, "distribution", None)
+    if dist is None or not hasattr(dist, "log_prob_bytes"):
+        return None
+    k = _points(dataset)
+    return -dist.log_prob_bytes(k).double() / (k[0].numel() * math.log(2))
 
 
 #: the name used in the issue; same class

@@ -1,4 +1,4 @@
-"""FID of probability-flow ODE samples at test time, sharded over ranks (DESIGN.md §6, §7).
+"""FID of probability-flow ODE samples at test time, sharded over ranks (docs/design.md §6, §7).
 
 :class:`FIDCallback` is a Lightning callback. At the end of the test epoch it:
 
@@ -351,10 +351,12 @@ class FIDCallback(L.Callback):
 
 
 def _write_pngs(u8: Tensor, ids: range, folder: Path) -> None:
-    from torchvision.io import write_png
+    # Pillow (a matplotlib dependency), not torchvision.io: torchvision deprecates its image IO
+    from PIL import Image
 
     for img, i in zip(u8.cpu(), ids):
-        write_png(img, str(folder / f"{i:06d}.png"))
+        arr = img.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{i:06d}.png")
 
 
 def _real_images(dm) -> Tensor:

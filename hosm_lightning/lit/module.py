@@ -15,6 +15,7 @@ import functools
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
+from torchmetrics import MeanMetric
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
@@ -22,9 +23,10 @@ from ..core.likelihood import bits_per_dim, ode_log_likelihood
 from ..core.losses import DSM2_FORMS, dsm_losses, resolve_divergence
 from ..core.sde import SDE, VESDE
 from ..core.seeding import make_generator
+from ..nets.base import ScoreNet
 from ..nets.score import ScoreModel
 from .checkpoints import check_signature, init_from_checkpoint
-from .stages import Stage, stage_at, validate_stages
+from .stages import Stage, lr_factor, stage_at, validate_stages
 
 __all__ = ["HOSMModule"]
 
@@ -38,14 +40,16 @@ class HOSMModule(L.LightningModule):
     """Score-based diffusion ODE trained by high-order DSM (Lu et al. 2022).
 
     Args:
-        net: the network (``class_path``/``init_args``); called as ``net(x, t)``.
+        net: the score network (``class_path``/``init_args``), a ``hosm_lightning.nets.ScoreNet``
+            (ToyScoreNet, SmallConvNet, DDPMpp, NCSNpp); called as ``net(x, t)``.
         sde: forward SDE (default ``VESDE()``, the paper's toy setting).
         parameterization: 'eps' (s = -net/sigma) or 'score' (s = net).
         stages: schedule of DSM orders, e.g. ``[{order: 1, steps: 2000}, {order: 3}]``.
-        lambda2, lambda3: weights of dsm2 and dsm3 (reference image code 1, 1; toy code 0.5, 0.1).
+        lambda2: weight of the second-order term dsm2 (reference image code 1; toy code 0.5).
+        lambda3: weight of the third-order term dsm3 (reference image code 1; toy code 0.1).
         eps: smallest training time (default: the SDE's, 1e-5 VE/VP, 1e-2 subVP).
         divergence: 'auto' | 'exact' | 'hutchinson' for the high-order derivatives.
-        dsm2_form: 'both' | 'frobenius' | 'trace'.
+        dsm2_form: terms of the second-order loss: 'both' (paper), 'frobenius' or 'trace'.
         probe_product: Hutchinson probes by 'jvp' (J v, forward mode, as the reference) or 'vjp'
             (Jᵀ v, reverse mode: faster on CPU, same optimum; see ``dsm_losses``).
         importance_sampling: t ~ p(t) ∝ g²/σ² (VP/subVP) instead of U(eps, T).
@@ -56,19 +60,24 @@ class HOSMModule(L.LightningModule):
         val_likelihood: compute the exact ODE NLL (or bpd for images) in validation.
         test_likelihood: compute it in ``test_step`` (per-batch means; skipped automatically when a
             ``LikelihoodEvaluator`` callback does the exact, DDP-correct per-sample evaluation).
-        likelihood_rtol, likelihood_atol: ODE solver tolerances for validation/test likelihoods.
-        check_finite_every: every this many steps, stop with a clear error if the loss is not finite
-            (one host-device sync per check; 0 turns it off). Keep it a divisor of the checkpoint
-            interval: a check runs before the step's update, so no checkpoint holds NaN weights.
+        likelihood_rtol: relative ODE solver tolerance of validation/test likelihoods (reference 1e-5).
+        likelihood_atol: absolute ODE solver tolerance of validation/test likelihoods (reference 1e-5).
+        check_finite_every: 0 turns the non-finite guard off; any positive value checks before every
+            update that the gradient norm (after the DDP all-reduce, so every rank decides the same) is
+            finite, and stops with the step, stage and term otherwise (one scalar host sync per step).
+            No update is ever applied with NaN/Inf gradients, so no checkpoint holds NaN weights.
         init_from: start ``fit`` from these weights (our Lightning checkpoint or a score_sde_pytorch
             checkpoint): weights only, not the optimizer or step counter; ignored when resuming with
             ``--ckpt_path``.
         init_from_ema: take the checkpoint's EMA weights (True) or its raw weights.
+        grad_norm_every: every this many steps, also log ``train/grad_norm_dsm1..3`` = ‖∇_θ dsm_k‖
+            of each unweighted term before clipping (one extra backward pass per term; this rank's
+            gradient, before the DDP all-reduce); 0 turns it off.
     """
 
     def __init__(
         self,
-        net: nn.Module,
+        net: ScoreNet,
         sde: SDE | None = None,
         parameterization: str = "eps",
         stages: list[Stage] | None = None,
@@ -90,6 +99,7 @@ class HOSMModule(L.LightningModule):
         check_finite_every: int = 1,
         init_from: str | None = None,
         init_from_ema: bool = True,
+        grad_norm_every: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "sde", "optimizer"])
@@ -99,6 +109,9 @@ class HOSMModule(L.LightningModule):
         self.eps = self.sde.default_eps if eps is None else eps
         _check_config(self.eps, lambda2, lambda3, divergence, dsm2_form, warmup_steps, likelihood_rtol, likelihood_atol,
                       check_finite_every)
+        if grad_norm_every < 0:
+            raise ValueError(f"model.grad_norm_every must be >= 0, got {grad_norm_every!r}")
+        self.grad_norm_every = int(grad_norm_every)
         _check_net(net, self.sde, parameterization, self.stages)
         self.score_model = ScoreModel(net, self.sde, parameterization)
         self.lambda2, self.lambda3 = float(lambda2), float(lambda3)
@@ -111,6 +124,10 @@ class HOSMModule(L.LightningModule):
         self.ode_kwargs = {"eps": self.eps, "rtol": likelihood_rtol, "atol": likelihood_atol}
         self.init_from, self.init_from_ema = init_from, init_from_ema
         self.test_likelihood = test_likelihood
+        # Validation/test means as metrics: torchmetrics sums (value × batch size) and counts across
+        # ranks, so uneven shards (each point once, no sampler padding) give the exact global mean.
+        self.eval_means = nn.ModuleDict({f"{split}_{k}": MeanMetric() for split, keys in _EVAL_KEYS.items()
+                                         for k in keys})
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -136,7 +153,8 @@ class HOSMModule(L.LightningModule):
         x = x.float() / 255
         return 2 * x - 1 if self.data_centered else x
 
-    def _losses(self, x0: Tensor, order: int, generator, check_finite: bool = True) -> dict[str, Tensor]:
+    def _losses(self, x0: Tensor, order: int, generator, check_finite: bool = True,
+                term_grad_norms: bool = False) -> dict[str, Tensor]:
         per_sample = dsm_losses(
             self.score_model, x0, self.sde, order=order, eps=self.eps, generator=generator,
             divergence=self.divergence, dsm2_form=self.dsm2_form, importance=self.importance,
@@ -145,6 +163,12 @@ class HOSMModule(L.LightningModule):
         means = {k: v.mean() for k, v in per_sample.items()}
         weights = {"dsm1": 1.0, "dsm2": self.lambda2, "dsm3": self.lambda3}
         means["loss"] = sum(weights[k] * means[k] for k in per_sample)
+        if term_grad_norms:
+            params = [p for p in self.parameters() if p.requires_grad]
+            for k in per_sample:
+                grads = torch.autograd.grad(means[k], params, retain_graph=True, allow_unused=True)
+                norms = [g.detach().norm() for g in grads if g is not None]
+                means[f"grad_norm_{k}"] = torch.stack(norms).norm() if norms else torch.zeros((), device=self.device)
         return means
 
     def log_likelihood(self, x: Tensor, generator=None) -> tuple[Tensor, dict]:
@@ -189,19 +213,17 @@ class HOSMModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = self.to_model_range(batch_tensor(batch))
         idx, stage = self.current_stage()
-        check = self.check_every > 0 and self.global_step % self.check_every == 0
-        out = self._losses(x0, stage.order, self.generator("train", self.global_step, batch_idx), check_finite=check)
-        if check and not torch.isfinite(out["loss"]):
-            bad = [k for k, v in out.items() if k != "loss" and not torch.isfinite(v)]
-            raise FloatingPointError(
-                f"non-finite training loss at step {self.global_step} (stage {idx}, order {stage.order}): "
-                f"term(s) {', '.join(bad) or 'loss'} are NaN/Inf. Training stopped before the update, so "
-                "checkpoints already written keep finite weights; lower the learning rate, raise eps or "
-                "check the data, then resume with --ckpt_path last."
-            )
+        norms = self.grad_norm_every > 0 and self.global_step % self.grad_norm_every == 0
+        # no finiteness check here: a per-rank raise would leave the other DDP ranks waiting in the
+        # gradient all-reduce; non-finite values reach the (all-reduced) gradients and are caught in
+        # on_before_optimizer_step on every rank at once
+        out = self._losses(x0, stage.order, self.generator("train", self.global_step, batch_idx), check_finite=False,
+                           term_grad_norms=norms)
+        self._step_info = (idx, stage.order, {k: v.detach() for k, v in out.items() if k.startswith("dsm")},
+                           torch.isfinite(x0).all())
         bs = x0.shape[0]
         for k, v in out.items():
-            self.log(f"train/{k}", v, batch_size=bs, prog_bar=k == "loss")
+            self.log(f"train/{k}", v.detach() if k != "loss" else v, batch_size=bs, prog_bar=k == "loss")
         self.log("train/order", float(stage.order), batch_size=bs)
         self.log("train/stage", float(idx), batch_size=bs)
         return out["loss"]
@@ -209,15 +231,29 @@ class HOSMModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
         if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+            total = torch.stack(norms).norm()
+            self.log("train/grad_norm", total)
+            if self.check_every > 0 and not bool(torch.isfinite(total)):
+                raise FloatingPointError(self._non_finite_message())
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def _non_finite_message(self) -> str:
+        idx, order, terms, x0_finite = getattr(self, "_step_info", (None, None, {}, torch.tensor(True)))
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))]
+        where = (f"term(s) {', '.join(bad)} are NaN/Inf" if bad else
+                 "the training batch contains NaN/Inf" if not bool(x0_finite) else
+                 "the loss terms of this rank are finite (a finite loss with non-finite gradients, or another "
+                 "rank's batch)")
+        return (f"non-finite gradients at step {self.global_step} (stage {idx}, order {order}): {where}. Training "
+                "stopped before the update, so checkpoints already written keep finite weights; lower the learning "
+                "rate, raise eps or check the data, then resume with --ckpt_path last.")
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameters())
-        if self.warmup_steps <= 0:
+        if self.warmup_steps <= 0 and all(st.lr is None for st in self.stages):
             return opt
-        warm = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        base, stages, warm = opt.param_groups[0]["lr"], self.stages, self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(stages, step, base, warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -229,7 +265,7 @@ class HOSMModule(L.LightningModule):
         with torch.inference_mode(False), torch.enable_grad():
             out = self._losses(xm.clone(), order, self.generator("val", batch_idx))
         for k, v in out.items():
-            self.log(f"val/{k}", v.detach(), batch_size=bs, sync_dist=True)
+            self._log_mean("val", k, v.detach(), bs)
         if self.val_likelihood:
             self._log_likelihood("val", x, self.generator("val-ll", batch_idx))
 
@@ -239,21 +275,32 @@ class HOSMModule(L.LightningModule):
             return None  # the evaluator callback does it (each sample once, across ranks)
         self._log_likelihood("test", batch_tensor(batch), self.generator("test", batch_idx))
 
+    def _log_mean(self, split: str, key: str, value: Tensor, batch_size: int) -> None:
+        """Log the exact mean over all points of the epoch and all ranks (weights = batch sizes)."""
+        metric = self.eval_means[f"{split}_{key}"]
+        metric.update(value.detach().float(), weight=float(batch_size))
+        self.log(f"{split}/{key}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+
     def _log_likelihood(self, split: str, x: Tensor, generator) -> None:
         bs = x.shape[0]
         with torch.inference_mode(False):
             x = x.clone()
             if x.dtype == torch.uint8:
                 bpd, info = self.bits_per_dim(x, generator)
-                self.log(f"{split}/bpd", bpd.mean(), batch_size=bs, sync_dist=True)
+                self._log_mean(split, "bpd", bpd.mean(), bs)
             else:
                 logp, info = self.log_likelihood(x, generator)
                 nll = -logp.mean()
-                self.log(f"{split}/nll", nll, batch_size=bs, sync_dist=True)
+                self._log_mean(split, "nll", nll, bs)
                 entropy = getattr(getattr(self.trainer, "datamodule", None), "entropy", None)
                 if entropy is not None:
-                    self.log(f"{split}/nll_gap", nll - entropy, batch_size=bs, sync_dist=True)
-        self.log(f"{split}/nfe", float(info["nfe"]), batch_size=bs, sync_dist=True)
+                    self._log_mean(split, "nll_gap", nll - entropy, bs)
+        self._log_mean(split, "nfe", torch.tensor(float(info["nfe"]), device=x.device), bs)
+
+
+#: metrics of validation_step / test_step (see HOSMModule._log_mean)
+_EVAL_KEYS = {"val": ("dsm1", "dsm2", "dsm3", "loss", "nll", "nll_gap", "bpd", "nfe"),
+              "test": ("nll", "nll_gap", "bpd", "nfe")}
 
 
 def _check_net(net: nn.Module, sde: SDE, parameterization: str, stages: list[Stage]) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "density_figure_1d", "density_figure_2d", "samples_figure", "image_grid", "save_figure",
-    "exact_logp_2d", "CHECKERBOARD_LOGP",
+    "exact_logp_2d", "CHECKERBOARD_LOGP", "diagnostics_figure",
 ]
 
 #: log density of the checkerboard inside its 8 squares of side 2 (total area 32)
@@ -203,3 +203,31 @@ def exact_logp_2d(name: str, points: Tensor) -> Tensor | None:
     dtype = p.dtype if p.is_floating_point() else torch.float32
     full = torch.full(inside.shape, CHECKERBOARD_LOGP, dtype=dtype, device=p.device)
     return torch.where(inside, full, torch.full_like(full, -math.inf))
+
+
+_CURVES = {"first_order": ("E g²‖s_θ − ∇log q_t‖²  (first-order error)", "-"),
+           "self_gap": ("E g²‖s_θ − ∇log p_t^ODE‖²  (network vs its own ODE)", "--"),
+           "fisher": ("E g²‖∇log p_t^ODE − ∇log q_t‖²  (ODE Fisher divergence)", ":"),
+           "kl_integrand": ("E g²(s_θ − ∇log q_t)ᵀ(∇log p_t^ODE − ∇log q_t)  (KL integrand)", "-.")}
+_COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple"]
+
+
+def diagnostics_figure(reports: dict, title: str) -> Figure:
+    """Four panels (one per curve) against σ(t), one line per model; ``reports`` maps a model label to
+    :func:`hosm_lightning.core.diagnostics.score_report` output. Shaded: ± 2 s.e."""
+    fig = Figure(figsize=(12.0, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (key, (label, ls)) in zip(axes, _CURVES.items()):
+        for color, (name, rep) in zip(_COLORS, reports.items()):
+            sig, m, se = (np.asarray(rep[k]) for k in ("sigma", key, key + "_se"))
+            ax.plot(sig, m, color=color, ls=ls, lw=1.5, label=name)
+            ax.fill_between(sig, m - 2 * se, m + 2 * se, color=color, alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        if key != "kl_integrand":
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.axhline(0.0, color="gray", lw=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("σ(t)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig

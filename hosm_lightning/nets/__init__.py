@@ -3,8 +3,10 @@
 Convention: ``net(x, t)``. ToyScoreNet, SmallConvNet and DDPMpp predict the noise ε of
 x_t = a x_0 + σ z (use ``parameterization: eps``, s = -net/σ); NCSNpp divides its output by σ and
 returns the score itself (use ``parameterization: score``). :class:`ScoreModel` applies it.
+Every network subclasses :class:`ScoreNet` (the type of ``model.net`` in the configs).
 """
 
+from .base import ScoreNet
 from .checkpoint_import import load_score_sde_checkpoint, save_score_sde_checkpoint
 from .conv import SmallConvNet
 from .ddpmpp import DDPMpp
@@ -14,6 +16,6 @@ from .toy import SinusoidalEmbedding, ToyScoreNet, mlp
 from .unet import UNetBody
 
 __all__ = [
-    "ScoreModel", "ToyScoreNet", "SmallConvNet", "DDPMpp", "NCSNpp", "UNetBody", "SinusoidalEmbedding", "mlp",
+    "ScoreNet", "ScoreModel", "ToyScoreNet", "SmallConvNet", "DDPMpp", "NCSNpp", "UNetBody", "SinusoidalEmbedding", "mlp",
     "load_score_sde_checkpoint", "save_score_sde_checkpoint",
 ]

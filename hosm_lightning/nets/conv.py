@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .base import ScoreNet
 from .toy import SinusoidalEmbedding
 
 __all__ = ["SmallConvNet"]
 
 
-class SmallConvNet(nn.Module):
+class SmallConvNet(ScoreNet):
     """conv → (GroupNorm, SiLU, conv) × depth with a time embedding added after the first conv.
 
     Args:

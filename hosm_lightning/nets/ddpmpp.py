@@ -23,20 +23,28 @@ from typing import Sequence
 
 from torch import Tensor
 
+from .base import ScoreNet
 from .unet import UNetBody
 
 __all__ = ["DDPMpp"]
 
 
-class DDPMpp(UNetBody):
+class DDPMpp(UNetBody, ScoreNet):
     """ε-prediction DDPM++ (VP / subVP). forward(x [B,C,H,W], t [B] or scalar) → ε̂ of x's shape.
 
     Args:
-        image_size, in_channels: data shape (``dim = in_channels·image_size²``).
-        nf, ch_mult, num_res_blocks, attn_resolutions, dropout: width, per-level channel
-            multipliers, residual blocks per level, resolutions with self-attention, dropout rate.
+        image_size: height = width of the images (``dim = in_channels·image_size²``).
+        in_channels: channels of the images (3 for CIFAR-10).
+        nf: base number of channels (paper: 128).
+        ch_mult: channel multiplier of every resolution level (paper: 1, 2, 2, 2).
+        num_res_blocks: residual blocks per level (4; 8 is the "deep" model).
+        attn_resolutions: resolutions with self-attention (paper: 16).
+        dropout: dropout rate in the residual blocks (paper: 0.1).
         time_scale: noise label = time_scale·t (999 as score_sde's continuous VP models).
-        skip_rescale, init_scale, fir, fir_kernel: as in score_sde (fir False for DDPM++).
+        skip_rescale: scale skip connections by 1/√2 (score_sde's setting).
+        init_scale: scale of the zero-ish initialisation of the last conv of each block.
+        fir: FIR up/down-sampling (False for DDPM++).
+        fir_kernel: the FIR kernel when ``fir`` is true.
         checkpoint_blocks: activation checkpointing of every residual/attention block in training;
             first-order DSM only (raises a RuntimeError under the jvp of the order-2/3 losses).
     """

@@ -29,22 +29,33 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .base import ScoreNet
 from .unet import UNetBody
 
 __all__ = ["NCSNpp"]
 
 
-class NCSNpp(UNetBody):
+class NCSNpp(UNetBody, ScoreNet):
     """Score network NCSN++ (VE). forward(x [B,C,H,W], t [B] or scalar) → s_θ(x, t) of x's shape.
 
     Args:
-        image_size, in_channels: data shape (``dim = in_channels·image_size²``).
-        nf, ch_mult, num_res_blocks, attn_resolutions, dropout: as :class:`~.ddpmpp.DDPMpp`.
-        sigma_min, sigma_max: the VE schedule σ(t) = σ_min (σ_max/σ_min)^t.
+        image_size: height = width of the images (``dim = in_channels·image_size²``).
+        in_channels: channels of the images (3 for CIFAR-10).
+        nf: base number of channels (paper: 128).
+        ch_mult: channel multiplier of every resolution level (paper: 1, 2, 2, 2).
+        num_res_blocks: residual blocks per level (paper: 4).
+        attn_resolutions: resolutions with self-attention (paper: 16).
+        dropout: dropout rate in the residual blocks (paper: 0.1).
+        sigma_min: smallest σ of the VE schedule σ(t) = σ_min (σ_max/σ_min)^t (must equal the SDE's).
+        sigma_max: largest σ of the VE schedule (must equal the SDE's).
         centered: data already in [−1, 1]; False maps x → 2x − 1 inside the net.
         scale_by_sigma: divide the U-Net output by σ(t) (True: the output is the score).
         fourier_scale: std of the Fourier frequencies (16).
-        fir, fir_kernel, progressive_input, skip_rescale, init_scale: score_sde's settings.
+        fir: FIR up/down-sampling (score_sde: true).
+        fir_kernel: the FIR kernel (score_sde: 1, 3, 3, 1).
+        progressive_input: 'residual' (score_sde: a downsampled input pyramid) or 'none'.
+        skip_rescale: scale skip connections by 1/√2 (score_sde's setting).
+        init_scale: scale of the zero-ish initialisation of the last conv of each block.
         checkpoint_blocks: activation checkpointing of every residual/attention block in training;
             first-order DSM only (raises a RuntimeError under the jvp of the order-2/3 losses).
     """

@@ -1,4 +1,4 @@
-"""The paper's toy score network for 1-D / 2-D data (DESIGN.md §5).
+"""The paper's toy score network for 1-D / 2-D data (docs/design.md §5).
 
 Architecture (Lu et al. 2022, toy experiments): an x-encoder MLP dim→128→128→128, a fairseq-style
 sinusoidal embedding of the *raw* time t (64 features) followed by a t-encoder MLP 64→128→128→128,
@@ -12,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from .base import ScoreNet
 
 __all__ = ["SinusoidalEmbedding", "ToyScoreNet", "mlp"]
 
@@ -50,10 +52,16 @@ class SinusoidalEmbedding(nn.Module):
         return emb
 
 
-class ToyScoreNet(nn.Module):
+class ToyScoreNet(ScoreNet):
     """ε-prediction MLP of the paper's toy experiments; forward(x [B, dim], t [B]) -> [B, dim].
 
     Parameter count: 469,377 for dim=1 and 470,018 for dim=2 (default widths).
+
+    Args:
+        dim: data dimension D (1 for mog1d, 2 for checkerboard / swissroll).
+        encoder_width: width of the three-layer x- and t-encoder MLPs (paper: 128).
+        embed_dim: number of sinusoidal features of t (paper: 64).
+        decoder_width: width of the decoder MLP on the concatenated encodings (paper: 512).
     """
 
     def __init__(self, dim: int = 1, encoder_width: int = 128, embed_dim: int = 64, decoder_width: int = 512):
