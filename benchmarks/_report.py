@@ -166,6 +166,7 @@ def evaluate_dataset(dataset: str, pre: dict, trained: dict, scale: dict, out: s
     for a, b in zip(steps[:-1], steps[1:]):
         plateau.append({"from": a, "to": b, "nll": pre_evals[b]["nll"],
                         "delta": paired(pre_evals[a]["logp"] - pre_evals[b]["logp"])})
+    trained = {m: trained[m] for m in LABELS if m in trained}  # control first, in table order
     evals = {m: _eval_ckpt(dataset, res["ckpts"][max(res["ckpts"])], x, logq, rtol) for m, res in trained.items()}
     ctrl = evals["o1"]["logp"]
     rows = []

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .likelihood import _ADAPTIVE_RK, ode_log_likelihood
+from .likelihood import _ADAPTIVE_RK, _divergence, ode_log_likelihood
 from .losses import ScoreFn, check_score_output, rademacher, resolve_divergence
 from .mixtures import GaussianMixture
 from .sde import SDE, bcast
@@ -53,16 +53,8 @@ def _times(t, x: Tensor, sde: SDE) -> Tensor:
 
 def _div_and_drift(score_fn, sde, x, t, mode, v):
     """h(x,t) and ∇·h (exact trace, or vᵀ(∂h/∂x)v), both differentiable in x (create_graph)."""
-    s = check_score_output(score_fn(x, t), x)
-    h = sde.pf_drift(x, t, s)
-    if mode == "hutchinson":
-        (jv,) = torch.autograd.grad((h * v).sum(), x, create_graph=True)
-        return h, (jv * v).flatten(1).sum(1)
-    hf, div = h.flatten(1), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(hf.shape[1]):
-        (g,) = torch.autograd.grad(hf[:, i].sum(), x, create_graph=True)
-        div = div + g.flatten(1)[:, i]
-    return h, div
+    h = sde.pf_drift(x, t, check_score_output(score_fn(x, t), x))
+    return h, _divergence(h, x, mode, v, create_graph=True)
 
 
 def ode_score(

@@ -68,17 +68,19 @@ def _clamp_time(t: Tensor, lo: float, hi: float) -> Tensor:
     return t.clamp(lo, hi)
 
 
-def _divergence(h: Tensor, x: Tensor, mode: str, v: Tensor | None) -> Tensor:
-    """∇·h per sample [B]: exact trace of ∂h/∂x, or vᵀ (∂h/∂x) v."""
+def _divergence(h: Tensor, x: Tensor, mode: str, v: Tensor | None, create_graph: bool = False) -> Tensor:
+    """∇·h per sample [B]: exact trace of ∂h/∂x, or vᵀ (∂h/∂x) v. ``create_graph`` keeps it
+    differentiable in x (the ODE-score solve of core/diagnostics.py needs ∇ₓ(∇·h))."""
     if not h.requires_grad:  # h does not depend on x (e.g. a constant score under VE): ∇·h = 0
         return torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
     if mode == "hutchinson":
-        (g,) = torch.autograd.grad((h * v).sum(), x)
+        (g,) = torch.autograd.grad((h * v).sum(), x, create_graph=create_graph)
         return (g * v).flatten(1).sum(1)
     hf = h.flatten(1)
     div = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
     for i in range(hf.shape[1]):
-        (g,) = torch.autograd.grad(hf[:, i].sum(), x, retain_graph=i + 1 < hf.shape[1])
+        (g,) = torch.autograd.grad(hf[:, i].sum(), x, retain_graph=create_graph or i + 1 < hf.shape[1],
+                                   create_graph=create_graph)
         div = div + g.flatten(1)[:, i]
     return div
 

@@ -26,10 +26,10 @@ import math
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..core.sde import SDE
-from ..core.seeding import make_generator
+from .synthetic import _FreshBatches, _ResumableLoader, train_key
 
 __all__ = ["QuantizedMarginal", "DiscreteProduct", "DiscreteDataModule", "MARGINALS", "SHAPES", "KINDS"]
 
@@ -195,21 +195,6 @@ class DiscreteProduct:
         return fn
 
 
-class _FreshBatches(IterableDataset):
-    """``steps`` fresh training batches; batch i of an epoch from a generator seeded by (*key(), i)."""
-
-    def __init__(self, sampler, batch_size: int, steps: int, key):
-        self.sampler, self.batch_size, self.steps, self.key = sampler, batch_size, steps, key
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        key = self.key()
-        for i in range(self.steps):
-            yield self.sampler(self.batch_size, make_generator("discrete-train", *key, i))
-
-
 class _Bytes(Dataset):
     def __init__(self, data: Tensor):
         self.data = data
@@ -282,10 +267,7 @@ class DiscreteDataModule(L.LightningDataModule):
         return self.to_model_range(self.sample_bytes(n, g))
 
     def _train_key(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-        epoch = int(getattr(trainer, "current_epoch", 0) or 0) if trainer is not None else 0
-        return self.seed, rank, epoch
+        return train_key(self.trainer, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self._val is None:
@@ -294,8 +276,9 @@ class DiscreteDataModule(L.LightningDataModule):
             self._test = self.sample_bytes(self.test_size, torch.Generator().manual_seed(self.seed + 2))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_FreshBatches(self._train_sample, self.batch_size, self.steps_per_epoch, self._train_key),
-                          batch_size=None)
+        # the synthetic data's stream: batch i of an epoch from (seed, rank, epoch, i), resumable mid-epoch
+        return _ResumableLoader(_FreshBatches(self._train_sample, self.batch_size, self.steps_per_epoch,
+                                              self._train_key))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -110,6 +110,14 @@ class _ResumableLoader:
         self.dataset.start = int(state.get("yielded", 0)) % max(self.dataset.steps, 1)
 
 
+def train_key(trainer, seed: int) -> tuple[int, int, int]:
+    """(seed, global_rank, current_epoch) of the training stream, read from the attached trainer
+    (rank 0, epoch 0 if none)."""
+    rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+    epoch = int(getattr(trainer, "current_epoch", 0) or 0) if trainer is not None else 0
+    return seed, rank, epoch
+
+
 def _stack_first(batch: list[tuple[Tensor]]) -> Tensor:
     """Collate TensorDataset items into one tensor (not a list)."""
     return torch.stack([item[0] for item in batch])
@@ -196,11 +204,7 @@ class SyntheticDataModule(L.LightningDataModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def _train_key(self) -> tuple[int, int, int]:
-        """(seed, global_rank, current_epoch), read from the attached trainer (rank 0, epoch 0 if none)."""
-        trainer = self.trainer
-        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-        epoch = int(getattr(trainer, "current_epoch", 0) or 0) if trainer is not None else 0
-        return self.seed, rank, epoch
+        return train_key(self.trainer, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self._val is None:
