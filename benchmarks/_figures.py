@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-_STYLE = {"exact": ("black", "--", 1.3), "order 1": ("tab:blue", "-", 1.6),
-          "order 1→3": ("tab:red", "-", 1.6), "order 3 scratch": ("tab:green", ":", 1.6)}
+_STYLE = {"exact": ("black", "--", 1.3), "order 1 (control)": ("tab:blue", "-", 1.6),
+          "order 1 → 2": ("tab:orange", "-", 1.4), "order 1 → 3 (exact)": ("tab:red", "-", 1.6)}
 
 
 def _plot_lines(ax, grid, curves: dict, xlim) -> None:

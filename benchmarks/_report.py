@@ -251,8 +251,8 @@ def _density_figure(dataset, ckpts, x, scale, out: Path, nll: dict) -> str:
         for label, m in plot.items():
             full[label] = model_logp(dataset, Path(ckpts[m]), grid, rtol=scale["rtol"])[0].numpy()
             part[label] = model_logp(dataset, Path(ckpts[m]), zoom, rtol=scale["rtol"])[0].numpy()
-        title = ("1-D mixture: converged order-1 model fine-tuned (EMA weights; test NLL "
-                 + ", ".join(f"{k} {nll[v]:.3f}" for k, v in plot.items()) + f"; entropy {mix.entropy():.3f})")
+        title = ("1-D mixture, converged order-1 model fine-tuned; test NLL "
+                 + ", ".join(f"{v} {nll[v]:.3f}" for v in plot.values()) + f", entropy {mix.entropy():.3f}")
         return str(save_figure(figure_1d(grid[:, 0].numpy(), zoom[:, 0].numpy(), full, part, title),
                                out / "fig1_mog1d.png"))
     box, g = {"checkerboard": 4.5, "swissroll": 7.0, "gmm2d": 3.0}[dataset], scale["grid_2d"]
