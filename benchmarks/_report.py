@@ -16,11 +16,11 @@ from _protocol import (
 from hosm_lightning.core.diagnostics import kl_decomposition, score_report, sigma_grid
 from hosm_lightning.core.likelihood import ode_log_likelihood, ode_sample, seeded_prior
 from hosm_lightning.lit.checkpoints import load_weights
+from hosm_lightning.lit.diagnose import BANDS, band_integrals
 from hosm_lightning.lit.plots import diagnostics_figure, save_figure
 
 LABELS = {"o1": "order 1 (control)", "o2": "order 1 → 2", "o3": "order 1 → 3 (exact)",
           "o3h": "order 1 → 3 (Hutchinson)"}
-BANDS = ((0.0, 0.1), (0.1, 1.0), (1.0, 1e9))  # σ ranges of the per-time KL contributions
 
 
 def _fmt(m: float, se: float, sign: bool = False) -> str:
@@ -226,19 +226,8 @@ def _diagnostics(dataset: str, ckpts: dict, scale: dict, out: Path) -> dict:
     fig = diagnostics_figure(reports, f"{dataset}: score diagnostics per noise level (mean ± 2 s.e., "
                                       f"{scale['diag_n']} exact draws of x_t per σ)")
     path = save_figure(fig, out / f"diagnostics_{dataset}.png")
-    return {"reports": reports, "identity": ident, "diag_figure": str(path), "bands": _bands(reports)}
-
-
-def _bands(reports: dict) -> dict:
-    """½ ∫ (KL integrand) dt over σ bands: trapezoid segments of the diagnostic grid, each assigned to
-    the band of its midpoint σ (nats, per model)."""
-    out = {}
-    for name, rep in reports.items():
-        t, sig, k = (np.asarray(rep[key]) for key in ("t", "sigma", "kl_integrand"))
-        seg = 0.5 * 0.5 * (k[1:] + k[:-1]) * np.diff(t)
-        mid = np.sqrt(sig[1:] * sig[:-1])
-        out[name] = [float(seg[(mid >= lo) & (mid < hi)].sum()) for lo, hi in BANDS]
-    return out
+    bands = {name: band_integrals(rep) for name, rep in reports.items()}
+    return {"reports": reports, "identity": ident, "diag_figure": str(path), "bands": bands}
 
 
 def _density_figure(dataset, ckpts, x, scale, out: Path, nll: dict) -> str:
@@ -336,7 +325,7 @@ def main_report(results: dict, scale, recipe, source: str, quick: bool, train_s:
                          f"{_fmt(idt['kl_scores'], idt['kl_scores_se'])} | {_fmt(idt['diff'], idt['diff_se'], sign=True)} "
                          f"| {'yes' if ok else 'no'} |")
         lines += ["", "½∫ of the KL integrand by noise band (trapezoid on the diagnostic grid, nats):", "",
-                  "| model | " + " | ".join(f"σ ∈ [{lo:g}, {hi if hi < 1e8 else 'σ_max'}]" for lo, hi in BANDS) + " |",
+                  "| model | " + " | ".join(f"σ ∈ [{lo:g}, {hi if hi < float('inf') else 'σ_max'}]" for lo, hi in BANDS) + " |",
                   "|---|" + "---|" * len(BANDS)]
         for name, vals in r["bands"].items():
             lines.append(f"| {name} | " + " | ".join(f"{v:+.4f}" for v in vals) + " |")
