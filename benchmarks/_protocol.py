@@ -34,11 +34,12 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from hosm_lightning.core import VESDE  # noqa: E402
+from hosm_lightning.core import VESDE, HOSMObjective  # noqa: E402
 from hosm_lightning.data import SyntheticDataModule  # noqa: E402
 from hosm_lightning.lit.checkpoints import load_weights  # noqa: E402
+from hosm_lightning.data.synthetic import exact_logp_2d  # noqa: E402
 from hosm_lightning.lit.module import HOSMModule  # noqa: E402
-from hosm_lightning.lit.plots import exact_logp_2d  # noqa: E402
+from hosm_lightning.lit.options import FitOptions  # noqa: E402
 from hosm_lightning.nets import ToyScoreNet  # noqa: E402
 
 #: a 2-D Gaussian mixture with an exact density: 6 components on a ring plus one at the centre
@@ -82,10 +83,11 @@ def datamodule(dataset: str, batch: int, steps: int, test_size: int, seed: int =
 def build_model(dim: int, run: Run) -> HOSMModule:
     return HOSMModule(
         net=ToyScoreNet(dim=dim), sde=VESDE(), parameterization="eps", stages=[{"order": run.order}],
-        lambda2=run.lambda2, lambda3=run.lambda3, eps=1e-5, divergence=run.divergence,
-        probe_product=run.probe_product, optimizer=lambda p: torch.optim.Adam(p, lr=run.lr),
-        warmup_steps=run.extra.get("warmup", 0),
-        val_likelihood=False, check_finite_every=100, init_from=run.init_from, grad_norm_every=run.grad_norm_every,
+        objective=HOSMObjective(lambda2=run.lambda2, lambda3=run.lambda3, eps=1e-5, divergence=run.divergence,
+                                probe_product=run.probe_product),
+        optimizer=lambda p: torch.optim.Adam(p, lr=run.lr),
+        fit=FitOptions(warmup_steps=run.extra.get("warmup", 0), val_likelihood=False, check_finite_every=100,
+                       init_from=run.init_from, grad_norm_every=run.grad_norm_every),
     )
 
 
@@ -132,7 +134,7 @@ def model_logp(dataset: str, ckpt: Path, x: torch.Tensor, rtol: float = 1e-5, ch
     """EMA weights of ``ckpt`` → exact ODE log p_eps(x) (float64 [N]), mean NFE, seconds."""
     model = build_model(x.shape[1], Run())
     load_weights(model, ckpt)
-    model.ode_kwargs.update(rtol=rtol, atol=rtol)
+    model.ode = model.ode.replace(rtol=rtol, atol=rtol)
     model.eval()
     start, parts, nfes = time.perf_counter(), [], []
     for i, piece in enumerate(x.split(chunk)):

@@ -135,7 +135,9 @@ def toy_trained(train_seconds: float, n_test: int, quick: bool) -> list[str]:
     import lightning as L
 
     from hosm_lightning.lit.evaluation import LikelihoodEvaluator
+    from hosm_lightning.core import ODEOptions
     from hosm_lightning.lit.module import HOSMModule
+    from hosm_lightning.lit.options import FitOptions
     from hosm_lightning.nets import SmallConvNet
 
     class TimeLimit(L.Callback):
@@ -148,7 +150,8 @@ def toy_trained(train_seconds: float, n_test: int, quick: bool) -> list[str]:
                             steps_per_epoch=100000)
     net = SmallConvNet(image_channels=3, image_size=8, channels=16 if quick else 48, depth=1 if quick else 3)
     model = HOSMModule(net, sde=VPSDE(), stages=[{"order": 1}], optimizer=lambda p: torch.optim.Adam(p, lr=2e-3),
-                       val_likelihood=False, likelihood_rtol=1e-3 if quick else 1e-4, likelihood_atol=1e-3 if quick else 1e-4)
+                       fit=FitOptions(val_likelihood=False),
+                       ode=ODEOptions(rtol=1e-3 if quick else 1e-4, atol=1e-3 if quick else 1e-4))
     trainer = L.Trainer(accelerator="cpu", max_steps=10 if quick else 10**6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[TimeLimit()])
@@ -160,7 +163,7 @@ def toy_trained(train_seconds: float, n_test: int, quick: bool) -> list[str]:
     fake = SimpleNamespace(datamodule=dm, world_size=1, global_rank=0, is_global_zero=True, progress_bar_callback=None,
                            strategy=SimpleNamespace(all_gather=lambda t: t))
     rows = [f"SmallConvNet (channels {net.blocks[0][2].in_channels}, depth {len(net.blocks)}), VP, first-order DSM, "
-            f"{steps} steps of batch 64 in {secs:.0f} s; {n_test} test images, rtol = atol = {model.ode_kwargs['rtol']:g}, "
+            f"{steps} steps of batch 64 in {secs:.0f} s; {n_test} test images, rtol = atol = {model.ode.rtol:g}, "
             "Hutchinson probe (one per image and importance sample); "
             f"exact entropy {dm.entropy_bits:.4f} bits/dim", "",
             "| protocol | K | bits/dim ± s.e. | gap to exact −log₂P/D ± s.e. | mean NFE | seconds |", "|---|---:|---|---|---:|---:|"]

@@ -18,6 +18,7 @@ command ends by printing where its outputs are.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -33,24 +34,34 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tqdm.auto import tqdm
 
 from . import data as _data  # noqa: F401  (our DataModules must be imported for `--data` in --help)
-from .core.likelihood import ode_sample, seeded_prior
+from .core.likelihood import seeded_prior
+from .data.spec import describe
 from .lit.checkpoints import load_weights, verify_checkpoint
-from .lit.ema import HOSMEMA
 from .lit.evaluation import LikelihoodEvaluator
+from .lit.fid import FIDCallback
 from .lit.module import HOSMModule
 
 __all__ = ["HOSMTrainer", "HOSMCLI", "main", "run_cli", "load_weights"]
 
 
 class HOSMTrainer(L.Trainer):
-    """Trainer with the ``sample`` and ``likelihood`` subcommands."""
+    """Trainer with the ``sample``, ``likelihood`` and ``diagnose`` subcommands."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        #: the constructor's settings: ``likelihood`` runs its evaluation in a trainer of its own built from them
+        self.init_kwargs = dict(kwargs)
+
+    @property
+    def likelihood_evaluators(self) -> list[LikelihoodEvaluator]:
+        """The configured :class:`LikelihoodEvaluator` callbacks (as ``checkpoint_callbacks`` for checkpoints)."""
+        return [cb for cb in self.callbacks if isinstance(cb, LikelihoodEvaluator)]
 
     def _prepare(self, model: HOSMModule, ckpt_path):
         if ckpt_path is not None:
@@ -71,8 +82,8 @@ class HOSMTrainer(L.Trainer):
         ckpt_path: str | None = None,
         num_samples: int = 1000,
         batch_size: int = 1000,
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
+        rtol: float | None = None,
+        atol: float | None = None,
         seed: int = 0,
         out_dir: str | None = None,
     ) -> Path:
@@ -82,8 +93,8 @@ class HOSMTrainer(L.Trainer):
             ckpt_path: checkpoint whose weights (the EMA weights when averaging was on) are sampled.
             num_samples: number of samples.
             batch_size: samples per ODE solve.
-            rtol: relative tolerance of the ODE solver.
-            atol: absolute tolerance of the ODE solver.
+            rtol: relative tolerance of the ODE solver (default: the model's ``ode.rtol``).
+            atol: absolute tolerance of the ODE solver (default: the model's ``ode.atol``).
             seed: seed of the prior draws (sample i starts from a draw seeded by (seed, i)).
             out_dir: output folder (default ``<trainer.default_root_dir>/samples``).
         """
@@ -92,12 +103,14 @@ class HOSMTrainer(L.Trainer):
         if num_samples <= 0 or batch_size <= 0:
             raise ValueError("--num_samples and --batch_size must be positive")
         model, device = self._prepare(model, ckpt_path)
-        shape = tuple(getattr(datamodule, "image_shape", None) or (getattr(datamodule, "dim", None) or model.net.dim,))
+        spec = describe(datamodule)
+        shape = tuple(spec.shape or (model.net.dim,))
+        ode = model.ode.replace(rtol=rtol, atol=atol)
         chunks, nfes, start = [], [], time.perf_counter()
         for lo in tqdm(range(0, num_samples, batch_size), desc="sampling", unit="batch"):
             ids = range(lo, min(lo + batch_size, num_samples))
             x_T = seeded_prior(model.sde, ids, shape, seed, "sample", device=device)  # per-sample seeds
-            x, info = ode_sample(model.score_model, model.sde, x_T=x_T, rtol=rtol, atol=atol)
+            x, info = model.sample(x_T, ode)
             chunks.append(x.cpu())
             nfes.append(info["nfe"])
         samples = torch.cat(chunks)
@@ -106,10 +119,9 @@ class HOSMTrainer(L.Trainer):
         if len(shape) == 3:
             from matplotlib.image import imsave
 
-            imsave(out / "samples.png", image_grid(samples[:64], model.data_centered).permute(1, 2, 0).numpy())
+            imsave(out / "samples.png", image_grid(samples[:64], spec.centered).permute(1, 2, 0).numpy())
         else:
-            data = getattr(datamodule, "mixture", None)
-            ref = data.sample(num_samples) if data is not None else None
+            ref = spec.sample(num_samples) if spec.sample is not None else None
             save_figure(samples_figure(samples, ref), out / "samples.png")
         secs = time.perf_counter() - start
         if self.is_global_zero:
@@ -126,7 +138,7 @@ class HOSMTrainer(L.Trainer):
         num_times: int = 12,
         num_points: int = 300,
         identity_points: int = 0,
-        rtol: float = 1e-5,
+        rtol: float | None = None,
         seed: int = 0,
         out_dir: str | None = None,
     ) -> dict:
@@ -140,7 +152,7 @@ class HOSMTrainer(L.Trainer):
             num_times: noise levels, equally spaced in log sigma(t) from eps to T.
             num_points: exact draws x_t ~ q_t per noise level.
             identity_points: if > 0, also estimate both sides of the KL identity with this many points.
-            rtol: ODE solver tolerance (rtol = atol) of the ODE-score solves.
+            rtol: ODE solver tolerance (rtol = atol) of the ODE-score solves (default: the model's ``ode``).
             seed: seed of the draws (the same points for every checkpoint).
             out_dir: output folder (default <trainer.default_root_dir>/diagnose).
         """
@@ -149,8 +161,7 @@ class HOSMTrainer(L.Trainer):
         ckpts = [c for c in [ckpt_path, *(compare or [])] if c]
         out = self._out_dir(out_dir, "diagnose")
         model = model.to("cpu")
-        if hasattr(datamodule, "setup"):
-            datamodule.setup("test")
+        datamodule.setup("test")
         return run_diagnose(model, datamodule, ckpts, labels, num_times=num_times, num_points=num_points,
                             identity_points=identity_points, rtol=rtol, seed=seed, out=out,
                             loggers=self.loggers if self.is_global_zero else ())
@@ -189,31 +200,40 @@ class HOSMTrainer(L.Trainer):
         if num_repeats <= 0:
             raise ValueError(f"--num_repeats must be positive, got {num_repeats}")
         out = self._out_dir(out_dir, "likelihood")
-        conf = next((cb for cb in self.callbacks if isinstance(cb, LikelihoodEvaluator)), None)
+        conf = next(iter(self.likelihood_evaluators), None)
         if dequantization is None:
             dequantization = conf.protocols if conf is not None else "uniform"
         if num_importance is None:
             num_importance = conf.num_importance if conf is not None else 1
         evaluator = LikelihoodEvaluator(num_repeats=num_repeats, splits=[split], max_samples=max_samples,
-                                        per_sample_path=str(out / "{split}_per_sample.npz"),
+                                        per_sample_path=str(out / "{split}_per_sample.npz"), ode=conf.ode if conf else None,
                                         dequantization=dequantization, num_importance=num_importance)
-        # Set aside configured evaluators (ours replaces them) and Lightning's own weight averaging: after a
-        # `fit` in the same process, EMAWeightAveraging would load the checkpoint's *raw* weights
-        # (current_model_state); without it the checkpoint's state_dict, the EMA weights, is used. HOSMEMA
-        # does nothing outside fit, so it stays (setting it aside made Lightning warn about it).
-        configured = [cb for cb in self.callbacks
-                      if getattr(cb, "computes_test_likelihood", False)
-                      or (isinstance(cb, WeightAveraging) and not isinstance(cb, HOSMEMA))]
-        self.callbacks[:] = [cb for cb in self.callbacks if cb not in configured] + [evaluator]
-        try:
-            self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-        finally:
-            self.callbacks[:] = [cb for cb in self.callbacks if cb is not evaluator] + configured
-        res = {**evaluator.results[split], "entropy": getattr(datamodule, "entropy", None)}
+        if ckpt_path is not None:
+            load_weights(model, ckpt_path)  # the checkpoint's state_dict: the EMA weights when averaging was on
+        self._evaluation_trainer(evaluator).test(model, datamodule=datamodule, verbose=False)
+        res = {**evaluator.results[split], "entropy": describe(datamodule).entropy}
         if self.is_global_zero:
             _print_table(res)
             (out / f"{split}_{res['metric']}.json").write_text(json.dumps(res, indent=2))
         return res
+
+    def _evaluation_trainer(self, evaluator: LikelihoodEvaluator) -> L.Trainer:
+        """A trainer with this one's devices, strategy, precision and loggers whose only callback is
+        ``evaluator``: the fit-time callbacks (weight averaging, plots, checkpoints, other evaluators)
+        take no part in the evaluation, and the checkpoint's ``state_dict`` (the EMA weights) is used."""
+        keep = {k: v for k, v in self.init_kwargs.items() if k in _EVAL_TRAINER_KEYS}
+        lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = lg.level
+        lg.setLevel(logging.WARNING)  # the device summary was printed once already
+        try:
+            return L.Trainer(**keep, callbacks=[evaluator], logger=self.loggers or False, enable_checkpointing=False,
+                             enable_model_summary=False, default_root_dir=self.default_root_dir)
+        finally:
+            lg.setLevel(level)
+
+
+#: trainer settings the ``likelihood`` command's own evaluation trainer inherits
+_EVAL_TRAINER_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "precision", "enable_progress_bar", "plugins")
 
 
 def _print_table(res: dict) -> None:
@@ -265,6 +285,15 @@ def _class_params(class_path: str) -> list[str]:
         return []
 
 
+def _is_settings(class_path: str) -> bool:
+    """A settings dataclass (HOSMObjective, ODEOptions, FitOptions): nested keys without ``init_args``."""
+    try:
+        module, _, name = class_path.rpartition(".")
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
+    except Exception:
+        return False
+
+
 def _one_line_parse_error(message: str, parser) -> str:
     """A jsonargparse error as one line, with a "did you mean" for a mistyped key."""
     prog = (getattr(parser, "prog", "") or "").replace(" [options]", "")
@@ -292,8 +321,12 @@ def _one_line_parse_error(message: str, parser) -> str:
     if m:
         class_path, opt = m.groups()
         keym = re.search(r'(?:Parser key|key) "([\w.]+)"', message)
-        prefix = f"{keym.group(1)}.init_args." if keym else ("data.init_args." if "DataModule" in message else "")
+        nested = ".init_args." if not _is_settings(class_path) else "."  # settings dataclasses have no init_args
+        prefix = f"{keym.group(1)}{nested}" if keym else ("data.init_args." if "DataModule" in message else "")
         match = _close_matches(opt, _class_params(class_path))
+        if any(arg.split("=")[0] == f"--{prefix}{opt}" for arg in sys.argv[1:]):  # typed on the command line
+            mean = f"; did you mean --{prefix}{match[0]}?" if match else ""
+            return f"unknown option --{prefix}{opt}{mean}{hint}"
         mean = f"; did you mean {prefix}{match[0]}?" if match else ""
         return f"unknown key {prefix}{opt} for {class_path.rsplit('.', 1)[-1]}{mean}{hint}"
     noise = ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>")
@@ -424,7 +457,7 @@ class HOSMCLI(LightningCLI):
         self._verify_ckpt(for_resume=True)
         self._refuse_second_fresh_fit()
         n = self.trainer.num_sanity_val_steps
-        if n and getattr(self.model, "val_likelihood", False) and self.trainer.limit_val_batches != 0:
+        if n and self.model.fit_options.val_likelihood and self.trainer.limit_val_batches != 0:
             rank_zero_info(f"sanity check: {n} validation batch(es) before step 1, with an exact ODE likelihood solve "
                            "(can take tens of seconds; trainer.num_sanity_val_steps=0 skips it)")
 
@@ -432,7 +465,14 @@ class HOSMCLI(LightningCLI):
         self._default_checkpoint_dirs()
         self._verify_ckpt()
 
-    before_test = before_likelihood = before_validate
+    before_likelihood = before_validate
+
+    def before_test(self) -> None:
+        """``test`` without a configured evaluator still reports the exact NLL / bits/dim (the module's
+        test_step computes nothing: whole-split metrics come from callbacks)."""
+        self.before_validate()
+        if not self.trainer.likelihood_evaluators and not any(isinstance(cb, FIDCallback) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(LikelihoodEvaluator())
 
     def before_sample(self) -> None:
         self._verify_ckpt()

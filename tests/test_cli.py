@@ -16,9 +16,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["mog1d", "checkerboard", "swissroll", "cifar10_vp_ddpmpp", "cifar10_vp_ddpmpp_deep", "cifar10_ve_ncsnpp"]
 
 
-def small_config(name: str, tmp: Path) -> Path:
-    """configs/<name>.yaml shrunk to CPU-test size (same structure, smaller numbers)."""
+#: override files and the base config they are composed on (LightningCLI's repeated --config)
+BASES = {"swissroll": "checkerboard", "cifar10_vp_ddpmpp_deep": "cifar10_vp_ddpmpp"}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``--config base --config over`` as jsonargparse composes them: mappings merge, other values replace."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(name: str) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    return _merge(load_config(BASES[name]), cfg) if name in BASES else cfg
+
+
+def small_config(name: str, tmp: Path) -> Path:
+    """configs/<name>.yaml (composed on its base) shrunk to CPU-test size (same structure, smaller numbers)."""
+    cfg = load_config(name)
     tr, model, data = cfg["trainer"], cfg["model"], cfg["data"]["init_args"]
     tr.update(default_root_dir=str(tmp), max_steps=6, val_check_interval=6, log_every_n_steps=1,
               enable_progress_bar=False, accelerator="cpu", devices=1)
@@ -30,8 +47,8 @@ def small_config(name: str, tmp: Path) -> Path:
             cb["init_args"]["every_n_train_steps"] = 2
         if cb["class_path"].endswith("DensityPlotCallback"):
             n = 4 if "cifar10" in name else 32
-            cb["init_args"].update(grid_size=40, grid_size_2d=8, num_samples=n, sample_rtol=1e-3, sample_atol=1e-3)
-    model.update(likelihood_rtol=1e-3, likelihood_atol=1e-3)
+            cb["init_args"].update(grid_size=40, grid_size_2d=8, num_samples=n, ode={"rtol": 1e-3, "atol": 1e-3})
+    model["ode"] = {**model.get("ode", {}), "rtol": 1e-3, "atol": 1e-3}
     model["stages"] = [{"order": 1, "steps": 2}, {"order": 2, "steps": 2}, {"order": 3}]
     if "cifar10" in name:
         write_fake_cifar10(tmp / "cifar", n_train=24, n_test=8)
@@ -152,8 +169,8 @@ def _run_cli(*args):
 
 
 def test_cli_user_errors_are_one_clear_line(tmp_path):
-    res = _run_cli("fit", "--config", "configs/mog1d.yaml", "--model.lambda2=-1")
-    assert res.returncode == 2 and "model.lambda2 must be >= 0" in res.stderr and "Traceback" not in res.stderr
+    res = _run_cli("fit", "--config", "configs/mog1d.yaml", "--model.objective.lambda2=-1")
+    assert res.returncode == 2 and "model.objective.lambda2 must be >= 0" in res.stderr and "Traceback" not in res.stderr
     res = _run_cli("fit", "--config", "configs/cifar10_vp_ddpmpp.yaml", f"--data.init_args.root={tmp_path}/nowhere",
                    "--trainer.logger=false", "--trainer.callbacks=[]")
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -181,10 +198,36 @@ def test_fit_order3_from_imported_score_sde_checkpoint(tmp_path):
     torch.manual_seed(1)
     source = DDPMpp(**tiny)
     save_score_sde_checkpoint(source, tmp_path / "checkpoint_26.pth", step=1300000)
-    cli = main(["fit", "--config", str(cfg), "--model.init_from", str(tmp_path / "checkpoint_26.pth"),
+    cli = main(["fit", "--config", str(cfg), "--model.fit.init_from", str(tmp_path / "checkpoint_26.pth"),
                 "--model.stages", "[{order: 3}]", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
                 "--trainer.callbacks=[]", "--trainer.logger=false"])
     assert cli.trainer.global_step == 2 and cli.trainer.callback_metrics["train/dsm3"].isfinite()
     # the weights moved away from the imported ones by two Adam steps only
     moved = [(p - q).abs().max().item() for p, q in zip(cli.model.net.parameters(), source.parameters())]
     assert max(moved) < 1e-2 and max(moved) > 0
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_override_configs_compose_on_their_base(name, capsys):
+    """configs/<override>.yaml after its base through LightningCLI's repeated --config: the base's
+    values with the override's few changes (the composed run is what test_fast_dev_run_every_config trains)."""
+    base = BASES[name]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / f"{base}.yaml"), "--config", str(ROOT / "configs" / f"{name}.yaml"),
+              "--print_config"])
+    composed = yaml.safe_load(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / f"{base}.yaml"), "--print_config"])
+    alone = yaml.safe_load(capsys.readouterr().out)
+    over = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    assert composed["trainer"]["default_root_dir"] == over["trainer"]["default_root_dir"] != alone["trainer"]["default_root_dir"]
+    if name == "swissroll":
+        assert composed["data"]["init_args"]["name"] == "swissroll" and alone["data"]["init_args"]["name"] == "checkerboard"
+    else:
+        assert composed["model"]["net"]["init_args"]["num_res_blocks"] == 8
+        assert alone["model"]["net"]["init_args"]["num_res_blocks"] == 4
+    # nothing else differs
+    composed["trainer"].pop("default_root_dir"), alone["trainer"].pop("default_root_dir")
+    for cfg in (composed, alone):
+        cfg["data"]["init_args"].pop("name", None), cfg["model"]["net"]["init_args"].pop("num_res_blocks", None)
+    assert composed == alone

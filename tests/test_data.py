@@ -76,7 +76,7 @@ def test_val_test_fixed_and_identical_across_instances():
 
 def test_properties_and_entropy():
     dm = SyntheticDataModule("mog1d")
-    assert dm.dim == 1 and dm.centered is None and dm.mixture is not None
+    assert dm.dim == 1 and dm.data_spec().discrete is False and dm.mixture is not None
     assert dm.entropy == pytest.approx(-0.12885, abs=1e-4)
     assert SyntheticDataModule("checkerboard").entropy == pytest.approx(math.log(32))
     assert SyntheticDataModule("checkerboard").mixture is None
@@ -131,7 +131,7 @@ def test_fake_cifar_format(fake_root):
 def test_cifar_batches(fake_root, centered):
     dm = CIFAR10DataModule(str(fake_root), batch_size=8, eval_batch_size=6, centered=centered,
                            num_workers=0, val_size=10, test_subset=15)
-    assert dm.dim == 3072 and dm.image_shape == (3, 32, 32) and dm.centered is centered and dm.entropy is None
+    assert dm.dim == 3072 and dm.image_shape == (3, 32, 32) and dm.centered is centered and dm.data_spec().entropy is None
     dm.setup("fit")
     dm.setup("test")
     train = list(dm.train_dataloader())
@@ -193,3 +193,40 @@ def test_cifar_bad_args(fake_root):
         CIFAR10DataModule(str(fake_root), val_size=0)
     with pytest.raises(ValueError, match="val_size=60"):
         CIFAR10DataModule(str(fake_root), val_size=60, num_workers=0).setup("fit")
+
+
+def test_data_spec_describes_every_data_module(fake_root):
+    """The one interface callbacks read (DataSpec via describe), with the exact densities where known."""
+    import lightning as L
+
+    from hosm_lightning.data import DataSpec, DiscreteDataModule, describe
+
+    mog = describe(SyntheticDataModule(name="mog1d"))
+    x = torch.linspace(-1, 1, 7)[:, None]
+    assert mog.shape == (1,) and mog.dim == 1 and not mog.discrete and not mog.is_image
+    assert mog.entropy == pytest.approx(-0.12885, abs=1e-5) and torch.equal(mog.log_prob(x), mog.mixture.log_prob(x))
+    board = describe(SyntheticDataModule(name="checkerboard"))
+    pts = torch.tensor([[0.5, 0.5], [-0.5, 0.5]])  # cell sums 0 (inside) and -1 (outside)
+    assert board.mixture is None and board.log_prob(pts)[0] == pytest.approx(-math.log(32))
+    assert torch.isneginf(board.log_prob(pts)[1]) and board.entropy == pytest.approx(math.log(32))
+    roll = describe(SyntheticDataModule(name="swissroll"))
+    assert roll.log_prob is None and roll.entropy is None and roll.sample(5).shape == (5, 2)
+    cifar = describe(CIFAR10DataModule(str(fake_root), centered=False))
+    assert cifar.shape == (3, 32, 32) and cifar.is_image and cifar.discrete and cifar.centered is False
+    ref = cifar.reference_images()
+    assert ref.dtype == torch.uint8 and ref.shape[1:] == (3, 32, 32)
+    disc = describe(DiscreteDataModule(shape="image", centered=False))
+    assert disc.shape == (3, 8, 8) and disc.discrete and disc.centered is False and disc.log_prob_bytes is not None
+    assert describe(None) == DataSpec() and describe(L.LightningDataModule()) == DataSpec()
+
+
+def test_one_data_range_conversion():
+    from hosm_lightning.core.data_range import bytes_to_model, model_to_bytes, model_to_unit
+
+    k = torch.arange(256, dtype=torch.uint8)
+    for centered, lo in ((True, -1.0), (False, 0.0)):
+        x = bytes_to_model(k, centered)
+        assert x[0] == lo and x[-1] == 1.0 and torch.allclose(x[1] - x[0], torch.tensor((1 - lo) / 255))
+        assert torch.equal(model_to_bytes(x, centered), k)  # round trip
+        assert torch.allclose(model_to_unit(x, centered), k.float() / 255)
+    assert torch.equal(model_to_bytes(torch.tensor([float("nan"), 2.0, -3.0]), True), torch.tensor([0, 255, 0], dtype=torch.uint8))

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dist import clean_env  # noqa: E402
+from _exact import grouped  # noqa: E402
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -73,7 +74,7 @@ def _run_worker(*args: str) -> tuple[int, str, str]:
 
 
 def _toy_model(dim: int = 1, **kw) -> HOSMModule:
-    return HOSMModule(ToyScoreNet(dim=dim, encoder_width=16, embed_dim=8, decoder_width=32), **kw)
+    return HOSMModule(ToyScoreNet(dim=dim, encoder_width=16, embed_dim=8, decoder_width=32), **grouped(**kw))
 
 
 def _toy_data(**kw) -> SyntheticDataModule:
@@ -85,12 +86,12 @@ def _toy_data(**kw) -> SyntheticDataModule:
 def _nll_run(devices: int, ckpt: str, out: Path) -> dict:
     """trainer.test with the evaluator (2 repeats, test + val); returns this rank's record."""
     torch.set_num_threads(1)
-    evaluator = LikelihoodEvaluator(num_repeats=2, splits=["test", "val"], rtol=TOL, atol=TOL, divergence="exact",
+    evaluator = LikelihoodEvaluator(num_repeats=2, splits=["test", "val"], ode={"rtol": TOL, "atol": TOL, "divergence": "exact"},
                                     per_sample_path=str(out / f"nll_{devices}proc_{{split}}.npz"))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[evaluator], default_root_dir=str(out))
-    model = _toy_model(likelihood_rtol=1e-3, likelihood_atol=1e-3)
+    model = _toy_model(rtol=1e-3, atol=1e-3)
     metrics = trainer.test(model, _toy_data(), ckpt_path=ckpt, verbose=False)[0]
     record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "results": evaluator.results,
               "logged": {k: float(v) for k, v in metrics.items()}}
@@ -198,7 +199,7 @@ def test_bpd_noise_is_per_sample_not_per_batch(tmp_path):
                               progress_bar_callback=None, strategy=SimpleNamespace(all_gather=lambda t: t))
     values = {}
     for bs in (3, 1):
-        ev = LikelihoodEvaluator(batch_size=bs, max_samples=3, method="rk4", options={"step_size": 0.25},
+        ev = LikelihoodEvaluator(batch_size=bs, max_samples=3, ode={"method": "rk4", "step_size": 0.25},
                                  per_sample_path=str(tmp_path / f"bpd{bs}.npz"))
         res = ev.evaluate(trainer, model, "test")
         assert res["metric"] == "bpd" and res["n"] == 3 and 0 < res["mean"] < 40
@@ -230,7 +231,7 @@ def _two_node_config(tmp: Path) -> tuple[Path, Path]:
             "net": {"class_path": "hosm_lightning.nets.ToyScoreNet",
                     "init_args": {"dim": 1, "encoder_width": 16, "embed_dim": 8, "decoder_width": 32}},
             "stages": [{"order": 1, "steps": 2}, {"order": 2}],
-            "lambda2": 0.5, "divergence": "exact", "likelihood_rtol": 1e-3, "likelihood_atol": 1e-3,
+            "objective": {"lambda2": 0.5, "divergence": "exact"}, "ode": {"rtol": 1e-3, "atol": 1e-3},
         },
         "data": {"class_path": "hosm_lightning.data.SyntheticDataModule",
                  "init_args": {"name": "mog1d", "batch_size": 32, "steps_per_epoch": 4, "val_size": VAL_SIZE,
@@ -239,12 +240,12 @@ def _two_node_config(tmp: Path) -> tuple[Path, Path]:
     if WITH_DENSITY_PLOT:
         cfg["trainer"]["callbacks"].append({
             "class_path": "hosm_lightning.lit.callbacks.DensityPlotCallback",
-            "init_args": {"grid_size": 20, "num_samples": 16, "sample_rtol": 1e-3, "sample_atol": 1e-3}})
+            "init_args": {"grid_size": 20, "num_samples": 16, "ode": {"rtol": 1e-3, "atol": 1e-3}}})
     fit = tmp / "two_nodes.yaml"
     fit.write_text(yaml.safe_dump(cfg))
     cfg["trainer"]["callbacks"] = [{
         "class_path": "hosm_lightning.lit.evaluation.LikelihoodEvaluator",
-        "init_args": {"num_repeats": 1, "per_sample_path": str(tmp / "two_nodes_test.csv"), "rtol": 1e-5, "atol": 1e-5,
+        "init_args": {"num_repeats": 1, "per_sample_path": str(tmp / "two_nodes_test.csv"), "ode": {"rtol": 1e-5, "atol": 1e-5},
                       "results_path": str(tmp / "two_nodes_test.json")},
     }]
     test = tmp / "two_nodes_test.yaml"

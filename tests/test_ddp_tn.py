@@ -36,8 +36,8 @@ def _bpd_run(devices: int, out: Path) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same (untrained) weights in every process
     model = HOSMModule(ToyScoreNet(dim=1, encoder_width=16, embed_dim=8, decoder_width=32), sde=VPSDE())
-    evaluator = LikelihoodEvaluator(dequantization=["uniform", "truncated_normal"], num_importance=2, rtol=TOL, atol=TOL,
-                                    divergence="exact", per_sample_path=str(out / f"bpd_{devices}proc.npz"))
+    evaluator = LikelihoodEvaluator(dequantization=["uniform", "truncated_normal"], num_importance=2,
+                                    ode={"rtol": TOL, "atol": TOL, "divergence": "exact"}, per_sample_path=str(out / f"bpd_{devices}proc.npz"))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[evaluator], default_root_dir=str(out))

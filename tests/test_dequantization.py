@@ -23,6 +23,8 @@ from hosm_lightning.core.dequantization import (
 from hosm_lightning.data import DiscreteDataModule
 from hosm_lightning.lit.evaluation import LikelihoodEvaluator, parse_protocols
 
+from _exact import exact_module  # noqa: E402
+
 LN2 = math.log(2)
 SDES = {"vp": (VPSDE, True), "subvp": (SubVPSDE, True), "ve": (VESDE, False)}
 
@@ -204,8 +206,9 @@ def test_bad_inputs_name_the_argument():
 
 # -- the evaluator ----------------------------------------------------------------------------------
 def _exact_module(dist, sde, centered=True):
-    return SimpleNamespace(score_model=dist.score_fn(sde), sde=sde, ode_kwargs={"eps": 1e-5, "rtol": 1e-5, "atol": 1e-5},
-                           seed=0, device=torch.device("cpu"), data_centered=centered, log=lambda *a, **k: None)
+    module = exact_module(dist.score_fn(sde), sde, dist.dim, centered)
+    module.log = lambda *a, **k: None
+    return module
 
 
 def _fake_trainer(dm):
@@ -220,7 +223,7 @@ def test_evaluator_reports_both_protocols_and_writes_them(tmp_path):
     logged = {}
     module = _exact_module(dm.distribution, sde)
     module.log = lambda k, v, **kw: logged.__setitem__(k, v)
-    ev = LikelihoodEvaluator(dequantization=["uniform", "truncated_normal"], num_importance=2, divergence="exact",
+    ev = LikelihoodEvaluator(dequantization=["uniform", "truncated_normal"], num_importance=2, ode={"divergence": "exact"},
                              per_sample_path=str(tmp_path / "ps.npz"), results_path=str(tmp_path / "res.json"))
     res = ev.evaluate(_fake_trainer(dm), module, "test")
     ev._log(module, "test", res)
@@ -238,7 +241,7 @@ def test_evaluator_reports_both_protocols_and_writes_them(tmp_path):
     assert ps["value_tn"].shape == (40, 1) and np.allclose(ps["value"], ps["value_uniform"])
     assert abs(ps["value_tn"].mean() - tn["mean"]) < 1e-12
     # only the truncated normal: no test/bpd (it means uniform)
-    only = LikelihoodEvaluator(dequantization="tn", divergence="exact", max_samples=8)
+    only = LikelihoodEvaluator(dequantization="tn", ode={"divergence": "exact"}, max_samples=8)
     logged.clear()
     r2 = only.evaluate(_fake_trainer(dm), module, "test")
     only._log(module, "test", r2)

@@ -15,6 +15,7 @@ from hosm_lightning.core import VESDE
 from hosm_lightning.data import SyntheticDataModule
 from hosm_lightning.lit.diagnose import band_integrals
 from hosm_lightning.lit.module import HOSMModule
+from hosm_lightning.lit.options import FitOptions
 from hosm_lightning.nets import ToyScoreNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _checkpoint(path: Path, steps: int, dim: int = 1) -> Path:
     torch.manual_seed(0)
-    model = HOSMModule(net=ToyScoreNet(dim=dim), sde=VESDE(), stages=[{"order": 1}], val_likelihood=False)
+    model = HOSMModule(net=ToyScoreNet(dim=dim), sde=VESDE(), stages=[{"order": 1}], fit=FitOptions(val_likelihood=False))
     dm = SyntheticDataModule(name="mog1d" if dim == 1 else "checkerboard", batch_size=64, steps_per_epoch=steps, val_size=16, test_size=16)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

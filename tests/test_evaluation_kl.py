@@ -16,10 +16,11 @@ from hosm_lightning.core import VPSDE, GaussianMixture
 from hosm_lightning.data import SyntheticDataModule
 from hosm_lightning.lit.evaluation import LikelihoodEvaluator
 
+from _exact import exact_module  # noqa: E402
 
-def _module(score_fn, sde):
-    return SimpleNamespace(score_model=score_fn, sde=sde, ode_kwargs={"eps": 1e-5, "rtol": 1e-6, "atol": 1e-6}, seed=0,
-                           device=torch.device("cpu"), data_centered=True)
+
+def _module(score_fn, sde, dim=None):
+    return exact_module(score_fn, sde, dim or 1, rtol=1e-6, atol=1e-6)
 
 
 def _trainer(dm):
@@ -31,7 +32,7 @@ def test_kl_is_zero_for_the_exact_score_and_positive_for_a_perturbed_one():
     dm = SyntheticDataModule(name="mog1d", batch_size=200, test_size=200)
     dm.setup()
     sde, mix = VPSDE(), dm.mixture
-    ev = LikelihoodEvaluator(divergence="exact")
+    ev = LikelihoodEvaluator(ode={"divergence": "exact"})
     exact = ev.evaluate(_trainer(dm), _module(mix.score_fn(sde), sde), "test")
     assert exact["metric"] == "nll" and "kl" in exact and exact["kl_se"] > 0
     # the exact score: only the solver error and q_eps vs q_0, log pi vs log q_T (all ≪ 1e-3 nats under VP)
@@ -51,7 +52,7 @@ def test_kl_for_the_checkerboard_uses_the_exact_2d_density():
     dm.setup()
     sde = VPSDE()
     gauss = GaussianMixture(torch.zeros(1, 2), torch.full((1, 2), 8.0))  # a broad Gaussian model
-    res = LikelihoodEvaluator(divergence="exact").evaluate(_trainer(dm), _module(gauss.score_fn(sde), sde), "test")
+    res = LikelihoodEvaluator(ode={"divergence": "exact"}).evaluate(_trainer(dm), _module(gauss.score_fn(sde), sde), "test")
     expected = math.log(1 / 32) + res["mean"]  # log q0 = −log 32 on the support
     assert abs(res["kl"] - expected) < 1e-9 and res["kl"] > 0
 
@@ -61,7 +62,7 @@ def test_no_kl_without_an_exact_density():
     dm.setup()
     sde = VPSDE()
     gauss = GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2))
-    res = LikelihoodEvaluator(divergence="exact").evaluate(_trainer(dm), _module(gauss.score_fn(sde), sde), "test")
+    res = LikelihoodEvaluator(ode={"divergence": "exact"}).evaluate(_trainer(dm), _module(gauss.score_fn(sde), sde), "test")
     assert "kl" not in res
 
 
@@ -86,7 +87,7 @@ def test_likelihood_subcommand_with_both_protocols(tmp_path, capsys):
         "model": {"net": {"class_path": "hosm_lightning.nets.ToyScoreNet",
                           "init_args": {"dim": 1, "encoder_width": 16, "embed_dim": 8, "decoder_width": 32}},
                   "sde": {"class_path": "hosm_lightning.core.sde.VPSDE"},
-                  "likelihood_rtol": 1e-3, "likelihood_atol": 1e-3, "val_likelihood": False},
+                  "ode": {"rtol": 1e-3, "atol": 1e-3}, "fit": {"val_likelihood": False}},
         "data": {"class_path": "hosm_lightning.data.DiscreteDataModule",
                  "init_args": {"shape": "1d", "batch_size": 16, "steps_per_epoch": 2, "test_size": 12, "val_size": 4}},
     }

@@ -40,7 +40,7 @@ from hosm_lightning.nets import SmallConvNet  # noqa: E402
 
 N_SAMPLES, N_TRAIN, DIM = 12, 40, 6
 #: fixed-step sampler: per-sample results do not depend on batch composition at all
-RK4 = {"sample_method": "rk4", "sample_options": {"step_size": 0.25}}
+RK4 = {"ode": {"method": "rk4", "step_size": 0.25}}
 SUBPROCESS_TIMEOUT = 240
 
 
@@ -99,7 +99,7 @@ def _register_with_torch_fidelity() -> str:
 
 def _model(state_dict_path: str | Path | None = None) -> HOSMModule:
     torch.manual_seed(0)
-    model = HOSMModule(SmallConvNet(channels=8, depth=1), sde=VPSDE(), data_centered=True)
+    model = HOSMModule(SmallConvNet(channels=8, depth=1), sde=VPSDE())
     if state_dict_path is not None:
         model.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
     return model
@@ -228,10 +228,11 @@ def test_sample_set_independent_of_batch_size_and_shards(setup_dir):
         out = []
         for rank in range(world):
             cb = FIDCallback(num_samples=num, batch_size=batch_size, feature_module=TinyFeatures(), seed=3,
-                             grid_size=0, sample_rtol=1e-2, sample_atol=1e-2, **kw)
+                             grid_size=0, **{"ode": {"rtol": 1e-2, "atol": 1e-2}, **kw})
             metric = _Collect()
             fake_trainer = SimpleNamespace(is_global_zero=rank == 0, global_rank=rank)
-            cb._generate(fake_trainer, model, metric, (3, 32, 32), True, sample_shard(num, world, rank))
+            cb._generate(fake_trainer, model, metric, (3, 32, 32), True, sample_shard(num, world, rank),
+                         model.ode.replace(**cb.ode))
             out.append(torch.cat(metric.parts))
         return torch.cat(out)
 

@@ -35,10 +35,10 @@ def test_finetune_config_trains_order3_from_the_checkpoint(tmp_path, monkeypatch
     ckpt = first / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     cli = main(["--config", str(ROOT / "configs/mog1d.yaml"), "--config", str(ROOT / "configs/mog1d_finetune.yaml"),
-                f"--model.init_from={ckpt}", "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path / 'ft'}",
+                f"--model.fit.init_from={ckpt}", "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path / 'ft'}",
                 *TINY], run=False)
     assert [(st.order, st.lr) for st in cli.model.stages] == [(3, 2.0e-4)]
-    assert cli.model.grad_norm_every == 50 and cli.model.lambda3 == pytest.approx(0.02)
+    assert cli.model.fit_options.grad_norm_every == 50 and cli.model.objective.lambda3 == pytest.approx(0.02)
     rec = _Record()
     cli.trainer.callbacks.append(rec)
     loaded = torch.load(ckpt, weights_only=True)["state_dict"]

@@ -22,16 +22,19 @@ from hosm_lightning.cli import main, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["mog1d", "checkerboard", "swissroll"]
+#: override configs and the base each is composed on (LightningCLI's repeated --config)
+BASES = {"swissroll": "checkerboard"}
 TINY_NET = ["--model.net.init_args.encoder_width=32", "--model.net.init_args.embed_dim=16",
             "--model.net.init_args.decoder_width=64"]
 
 
 def _args(name: str, root: Path, *extra: str) -> list[str]:
     """configs/<name>.yaml as written, shrunk through command-line overrides only."""
-    return ["--config", str(ROOT / "configs" / f"{name}.yaml"), f"--trainer.default_root_dir={root}",
+    base = ["--config", str(ROOT / "configs" / f"{BASES[name]}.yaml")] if name in BASES else []
+    return [*base, "--config", str(ROOT / "configs" / f"{name}.yaml"), f"--trainer.default_root_dir={root}",
             "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--data.init_args.batch_size=256", "--data.init_args.val_size=64", "--data.init_args.test_size=256",
-            "--data.init_args.steps_per_epoch=100", "--model.likelihood_rtol=1e-3", "--model.likelihood_atol=1e-3",
+            "--data.init_args.steps_per_epoch=100", "--model.ode.rtol=1e-3", "--model.ode.atol=1e-3",
             *TINY_NET, *extra]
 
 
@@ -99,7 +102,7 @@ def test_init_from_weights_are_the_average_at_step_0(tmp_path):
     ckpt = src.trainer.checkpoint_callback.last_model_path
     loaded = torch.load(ckpt, weights_only=True)["state_dict"]
     cli = main([*_args("mog1d", tmp_path / "ft", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                              f"--model.init_from={ckpt}", "--seed_everything=1")], run=False)
+                              f"--model.fit.init_from={ckpt}", "--seed_everything=1")], run=False)
     probe = _Probe()
     cli.trainer.callbacks.append(probe)
     cli._default_checkpoint_dirs()
@@ -181,9 +184,9 @@ def test_wrong_checkpoint_and_mistyped_key_from_the_shell(bad_checkpoints):
     errors = [ln for ln in res.stderr.splitlines() if "error" in ln.lower() or "Traceback" in ln]
     assert res.returncode == 2 and len(errors) == 1, res.stderr
     assert errors[0].startswith("hosm-lightning: error:") and str(bad_checkpoints["text"]) in errors[0]
-    res = _cli("fit", "--config", "configs/mog1d.yaml", "--model.lamda2", "0.5")
+    res = _cli("fit", "--config", "configs/mog1d.yaml", "--model.objective.lamda2", "0.5")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "hosm-lightning: error: unknown option --model.lamda2; did you mean --model.lambda2? "
+        "hosm-lightning: error: unknown option --model.objective.lamda2; did you mean --model.objective.lambda2? "
         "(`cli.py fit --help` lists the options)"], res.stderr
 
 
@@ -201,12 +204,12 @@ def test_mistyped_config_file_key_did_you_mean(tmp_path, capsys, monkeypatch):
     assert exc.value.code == 2 and len(err) == 1, err
     assert "batchsize" in err[0] and "did you mean data.init_args.batch_size?" in err[0]
     cfg = yaml.safe_load((ROOT / "configs" / "mog1d.yaml").read_text())
-    cfg["model"]["lamda3"] = cfg["model"].pop("lambda3")
+    cfg["model"]["objective"]["lamda3"] = cfg["model"]["objective"].pop("lambda3")
     (tmp_path / "typo2.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "typo2.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "did you mean model.lambda3?" in err[0], err
+    assert len(err) == 1 and "did you mean model.objective.lambda3?" in err[0], err
 
 
 # -- 5. help that helps -------------------------------------------------------------------------
@@ -261,7 +264,7 @@ def test_fit_prints_no_library_warning(tmp_path):
     res = _cli("fit", "--config", "configs/mog1d.yaml", f"--trainer.default_root_dir={tmp_path}",
                "--trainer.max_steps=6", "--trainer.val_check_interval=6", "--data.init_args.val_size=64",
                "--data.init_args.batch_size=128", "--model.stages=[{order: 1, steps: 2}, {order: 2, steps: 2}, {order: 3}]",
-               "--model.likelihood_rtol=1e-3", "--model.likelihood_atol=1e-3", *TINY_NET)
+               "--model.ode.rtol=1e-3", "--model.ode.atol=1e-3", *TINY_NET)
     assert res.returncode == 0, res.stderr[-3000:]
     noise = [ln for ln in (res.stderr + res.stdout).splitlines()
              if re.search(r"\.py:\d+:|Warning\b|warn\(|Tip:", ln)]

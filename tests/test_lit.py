@@ -12,6 +12,8 @@ from hosm_lightning.lit.module import HOSMModule
 from hosm_lightning.lit.stages import Stage, stage_at, validate_stages
 from hosm_lightning.nets import ToyScoreNet
 
+from _exact import grouped  # noqa: E402
+
 STAGES = [Stage(order=1, steps=3), Stage(order=2, steps=3), Stage(order=3)]
 
 
@@ -21,9 +23,9 @@ def _small_net(dim=1):
 
 def _module(**kw):
     torch.manual_seed(0)
-    args = dict(net=_small_net(), stages=STAGES, lambda2=0.5, lambda3=0.1, likelihood_rtol=1e-3, likelihood_atol=1e-3)
+    args = dict(net=_small_net(), stages=STAGES, lambda2=0.5, lambda3=0.1, rtol=1e-3, atol=1e-3)
     args.update(kw)
-    return HOSMModule(**args)
+    return HOSMModule(**grouped(**args))
 
 
 def _trainer(root, max_steps, callbacks=(), **kw):
@@ -137,7 +139,7 @@ class _NaNNet(torch.nn.Module):
         super().__init__()
         self.inner, self.dim, self.broken = _small_net(), 1, False
 
-    def forward(self, x, t):
+    def forward(self, x, t, sigma=None):
         out = self.inner(x, t)
         return out * float("nan") if self.broken else out
 
@@ -203,8 +205,6 @@ def test_unet_configuration_checks():
     tiny = dict(image_size=8, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
     with pytest.raises(ValueError, match="parameterization: score"):
         HOSMModule(net=NCSNpp(**tiny), sde=VESDE(), parameterization="eps")
-    with pytest.raises(ValueError, match="sigma_max"):
-        HOSMModule(net=NCSNpp(**tiny, sigma_max=20.0), sde=VESDE(), parameterization="score")
     with pytest.raises(ValueError, match="checkpoint_blocks"):
         HOSMModule(net=DDPMpp(**tiny, checkpoint_blocks=True), sde=VPSDE(), stages=[Stage(1, 5), Stage(3)])
     HOSMModule(net=DDPMpp(**tiny, checkpoint_blocks=True), sde=VPSDE(), stages=[Stage(1)])  # order 1: fine

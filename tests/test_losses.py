@@ -82,9 +82,11 @@ def test_exact_and_hutchinson_agree_in_expectation_2d():
     x0 = MIX2.sample(n_pts, g)
     t = torch.tensor([0.05, 0.2, 0.5, 0.9])
     z = torch.randn(n_pts, 2, generator=g)
-    exact, info_e = dsm_losses(score_fn, x0, sde, order=3, t=t, z=z, divergence="exact", return_info=True)
+    out = dsm_losses(score_fn, x0, sde, order=3, t=t, z=z, divergence="exact")
+    exact, info_e = out, out.info
     rep = lambda a: a.repeat_interleave(n_probe, 0)  # noqa: E731
-    hut, info_h = dsm_losses(score_fn, rep(x0), sde, order=3, t=rep(t), z=rep(z), generator=g, divergence="hutchinson", return_info=True)
+    out = dsm_losses(score_fn, rep(x0), sde, order=3, t=rep(t), z=rep(z), generator=g, divergence="hutchinson")
+    hut, info_h = out, out.info
 
     def mean_se(a):
         a = a.reshape(n_pts, n_probe, *a.shape[1:])
@@ -175,7 +177,8 @@ def test_high_order_terms_run_in_float32_under_autocast():
 def test_importance_sampled_times():
     _, score_fn = _toy_net(2)
     x0 = MIX2.sample(256, torch.Generator().manual_seed(0))
-    _, info = dsm_losses(score_fn, x0, VPSDE(), order=1, importance=True, eps=1e-3, return_info=True, generator=torch.Generator().manual_seed(0))
+    out = dsm_losses(score_fn, x0, VPSDE(), order=1, importance=True, eps=1e-3, generator=torch.Generator().manual_seed(0))
+    _, info = out, out.info
     assert info["t"].min() >= 1e-3 and info["t"].max() <= 1.0
     # p(t) ∝ g²/σ² = d/dt log(e^B - 1): the median solves log expm1(B(m)) = mean of the end values
     w = lambda tt: torch.log(torch.expm1(VPSDE().int_beta(tt)))  # noqa: E731

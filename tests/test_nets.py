@@ -1,11 +1,15 @@
-"""Toy score net and the score parameterisation wrapper (docs/design.md §2, §5)."""
+"""Toy score net and the score parameterisation wrapper (docs/design.md §2, §5, §6)."""
+
+import inspect
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from hosm_lightning.core import VESDE, VPSDE
-from hosm_lightning.nets import ScoreModel, SinusoidalEmbedding, ToyScoreNet
+import hosm_lightning.nets  # noqa: F401 - registers every ScoreNet subclass
+from hosm_lightning.core import SubVPSDE, VESDE, VPSDE
+from hosm_lightning.nets import ScoreModel, ScoreNet, SinusoidalEmbedding, SmallConvNet, ToyScoreNet
 
 
 def _n_params(m: nn.Module) -> int:
@@ -43,7 +47,7 @@ class TinyConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
 
-    def forward(self, x, t):
+    def forward(self, x, t, sigma=None):
         return torch.tanh(self.conv(x)) + t[:, None, None, None]
 
 
@@ -74,3 +78,89 @@ def test_score_model_per_sample_and_jvp():
 def test_score_model_bad_parameterization():
     with pytest.raises(ValueError, match="'x0'"):
         ScoreModel(ToyScoreNet(), VPSDE(), parameterization="x0")
+
+
+# ------------------------------------------------------------------------------------------------
+# the calling convention net(x, t, sigma): ScoreModel hands the net σ(t) = sde.marginal(t)[1]
+# ------------------------------------------------------------------------------------------------
+class RecordingNet(ScoreNet):
+    """Records the (t, sigma) it is called with; output x·σ + t, so σ reaches the result."""
+
+    def __init__(self):
+        super().__init__()
+        self.dim, self.calls = 2, []
+
+    def forward(self, x, t, sigma=None):
+        self.calls.append((t, sigma))
+        return x * sigma[:, None] + t[:, None]
+
+
+SDES = [VPSDE(), SubVPSDE(), VESDE(), VESDE(0.02, 10.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sde", SDES, ids=["vp", "subvp", "ve", "ve_other"])
+def test_score_model_passes_exactly_the_sde_marginal_std(sde, dtype):
+    net = RecordingNet()
+    x, t = torch.randn(5, 2, dtype=dtype), torch.tensor([1e-5, 0.1, 0.4, 0.8, 1.0], dtype=dtype)
+    for par in ("eps", "score"):
+        net.calls.clear()
+        out = ScoreModel(net, sde, par)(x, t)
+        assert len(net.calls) == 1  # σ(t) computed once, the net called once
+        t_seen, sigma_seen = net.calls[0]
+        sigma = sde.marginal(t)[1]
+        assert torch.equal(t_seen, t)
+        assert sigma_seen.shape == (5,) and sigma_seen.dtype == dtype
+        assert torch.equal(sigma_seen, sigma)
+        raw = x * sigma[:, None] + t[:, None]
+        assert torch.equal(out, raw if par == "score" else -raw / sigma[:, None])  # eps: s = -net/σ, same σ
+    # a scalar time is broadcast to [B] before σ(t) is taken
+    net.calls.clear()
+    ScoreModel(net, sde, "score")(x, 0.3)
+    assert torch.equal(net.calls[0][1], sde.marginal(torch.full((5,), 0.3, dtype=dtype))[1])
+
+
+def test_score_model_sigma_is_differentiable_and_per_sample():
+    """σ(t) is computed from t inside the graph: d/dt reaches the net through σ as well (jvp, vmap,
+    create_graph), as for a σ-conditioned net such as NCSN++."""
+    sde = VESDE(0.01, 50.0)
+    model = ScoreModel(RecordingNet(), sde, "score")  # s = x σ(t) + t
+    x, t = torch.randn(4, 2, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    sigma = sde.marginal(t)[1]
+    # ∂s/∂t = x σ(t) log(σ_max/σ_min) + 1
+    _, ds_dt = torch.func.jvp(lambda tt: model(x, tt), (t,), (torch.ones_like(t),))
+    torch.testing.assert_close(ds_dt, x * (sigma * math.log(5000.0))[:, None] + 1)
+    # per sample under vmap
+    per_sample = torch.func.vmap(lambda xi, ti: model(xi[None], ti[None])[0])(x, t)
+    torch.testing.assert_close(per_sample, model(x, t))
+    # second derivative in t through create_graph
+    tt = t.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(x, tt).sum(), tt, create_graph=True)
+    (g2,) = torch.autograd.grad(g.sum(), tt)
+    torch.testing.assert_close(g2, x.sum(1) * sigma * math.log(5000.0) ** 2)
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def test_every_score_net_accepts_sigma_none():
+    nets = {c for c in _all_subclasses(ScoreNet) if c.__module__.startswith("hosm_lightning.nets")}
+    assert {"ToyScoreNet", "SmallConvNet", "DDPMpp", "NCSNpp"} <= {c.__name__ for c in nets}
+    for cls in nets | {ScoreNet}:
+        params = inspect.signature(cls.forward).parameters
+        assert list(params)[:4] == ["self", "x", "t", "sigma"], cls
+        assert params["sigma"].default is None, cls
+
+
+@pytest.mark.parametrize("make", [lambda: ToyScoreNet(dim=2), lambda: SmallConvNet(image_size=8, channels=8, depth=1)],
+                         ids=["toy", "conv"])
+def test_t_conditioned_nets_ignore_sigma(make):
+    torch.manual_seed(0)
+    net = make()
+    x = torch.randn(3, 2) if net.dim == 2 else torch.randn(3, 3, 8, 8)
+    t = torch.rand(3)
+    assert torch.equal(net(x, t), net(x, t, torch.tensor([5.0, 0.1, 2.0])))
+    assert torch.equal(net(x, t), net(x, t, sigma=None))

@@ -21,7 +21,7 @@ import yaml
 from hosm_lightning.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY = ("mog1d", "checkerboard", "swissroll")
+TOY = ("mog1d", "checkerboard")
 
 
 def shrink(name: str, dest: Path) -> None:
@@ -34,9 +34,9 @@ def shrink(name: str, dest: Path) -> None:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["every_n_train_steps"] = 2
         if cb["class_path"].endswith("DensityPlotCallback"):
-            cb["init_args"].update(grid_size=40, grid_size_2d=8, num_samples=64, sample_rtol=1e-3, sample_atol=1e-3)
+            cb["init_args"].update(grid_size=40, grid_size_2d=8, num_samples=64, ode={"rtol": 1e-3, "atol": 1e-3})
     model["stages"] = [{"order": 1, "steps": 4}, {"order": 2, "steps": 2}, {"order": 3}]
-    model.update(likelihood_rtol=1e-3, likelihood_atol=1e-3)
+    model["ode"] = {**model.get("ode", {}), "rtol": 1e-3, "atol": 1e-3}
     model["net"]["init_args"].update(encoder_width=32, embed_dim=16, decoder_width=64)
     data.update(batch_size=64, steps_per_epoch=8, val_size=64, test_size=64)
     (dest / "configs").mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,9 @@ def printed_paths(stdout: str) -> list[str]:
     return [p.rstrip(".,)") for p in paths]
 
 
-#: override files composed on a toy config (``--config configs/mog1d.yaml --config configs/<name>.yaml``)
-OVERRIDES = ("mog1d_order1", "mog1d_finetune")
+#: override files composed on a toy config (``--config configs/mog1d.yaml --config configs/<name>.yaml``,
+#: ``--config configs/checkerboard.yaml --config configs/swissroll.yaml``)
+OVERRIDES = ("mog1d_order1", "mog1d_finetune", "swissroll")
 
 
 def shrink_override(name: str, dest: Path) -> None:
@@ -103,7 +104,7 @@ def shrink_override(name: str, dest: Path) -> None:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["every_n_train_steps"] = 2
         if cb["class_path"].endswith("DensityPlotCallback"):
-            cb["init_args"].update(grid_size=40, grid_size_2d=8, num_samples=64, sample_rtol=1e-3, sample_atol=1e-3)
+            cb["init_args"].update(grid_size=40, grid_size_2d=8, num_samples=64, ode={"rtol": 1e-3, "atol": 1e-3})
     if "steps_per_epoch" in cfg.get("data", {}).get("init_args", {}):
         cfg["data"]["init_args"]["steps_per_epoch"] = 8
     (dest / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

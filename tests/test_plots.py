@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hosm_lightning.core import paper_mog1d
+from hosm_lightning.core import ODEOptions, paper_mog1d
+from hosm_lightning.lit.options import FitOptions
 from hosm_lightning.lit.plots import (
     density_figure_1d, density_figure_2d, exact_logp_2d, image_grid, samples_figure, save_figure,
 )
@@ -84,7 +85,7 @@ class TinyNet(nn.Module):
         self.dim = dim
         self.body = nn.Sequential(nn.Linear(dim + 1, 16), nn.SiLU(), nn.Linear(16, dim))
 
-    def forward(self, x, t):
+    def forward(self, x, t, sigma=None):
         return self.body(torch.cat([x, t.reshape(-1, 1).to(x)], dim=1))
 
 
@@ -119,8 +120,8 @@ def test_density_plot_callback(tmp_path):
     from hosm_lightning.lit.module import HOSMModule
 
     torch.manual_seed(0)
-    model = HOSMModule(net=TinyNet(), val_likelihood=False, likelihood_rtol=1e-3, likelihood_atol=1e-3)
-    cb = DensityPlotCallback(grid_size=50, num_samples=50, sample_rtol=1e-3, sample_atol=1e-3)
+    model = HOSMModule(net=TinyNet(), fit=FitOptions(val_likelihood=False), ode=ODEOptions(rtol=1e-3, atol=1e-3))
+    cb = DensityPlotCallback(grid_size=50, num_samples=50, ode={"rtol": 1e-3, "atol": 1e-3})
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = L.Trainer(
         max_steps=2, limit_val_batches=1, num_sanity_val_steps=1, logger=logger, callbacks=[EMAWeightAveraging(), cb],
@@ -149,7 +150,7 @@ class TinyImageNet(nn.Module):
         super().__init__()
         self.lin = nn.Linear(49, 48)
 
-    def forward(self, x, t):
+    def forward(self, x, t, sigma=None):
         return self.lin(torch.cat([x.flatten(1), t.reshape(-1, 1).to(x)], dim=1)).view_as(x)
 
 
@@ -181,8 +182,8 @@ def test_density_plot_callback_2d_and_images(tmp_path, kind):
         val_dataloader = train_dataloader
 
     torch.manual_seed(0)
-    model = HOSMModule(net=net, val_likelihood=False, likelihood_rtol=1e-3, likelihood_atol=1e-3)
-    cb = DensityPlotCallback(grid_size_2d=6, num_samples=20, sample_rtol=1e-3, sample_atol=1e-3,
+    model = HOSMModule(net=net, fit=FitOptions(val_likelihood=False), ode=ODEOptions(rtol=1e-3, atol=1e-3))
+    cb = DensityPlotCallback(grid_size_2d=6, num_samples=20, ode={"rtol": 1e-3, "atol": 1e-3},
                              out_dir=str(tmp_path / "out"))
     trainer = L.Trainer(
         max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, logger=TensorBoardLogger(tmp_path), callbacks=[cb],

@@ -22,6 +22,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from _dist import clean_env  # noqa: E402
+from _exact import grouped  # noqa: E402
+
+from hosm_lightning.core import ODEOptions  # noqa: E402
 
 from hosm_lightning.data import SyntheticDataModule  # noqa: E402
 from hosm_lightning.lit.module import HOSMModule  # noqa: E402
@@ -35,7 +38,7 @@ class _NaNNet(ToyScoreNet):
 
     broken = False
 
-    def forward(self, x, t):
+    def forward(self, x, t, sigma=None):
         out = super().forward(x, t)
         return out * float("nan") if self.broken else out
 
@@ -43,7 +46,7 @@ class _NaNNet(ToyScoreNet):
 def _module(**kw):
     torch.manual_seed(0)
     return HOSMModule(net=_NaNNet(dim=1, encoder_width=16, embed_dim=8, decoder_width=32),
-                      stages=[{"order": 1, "steps": 4}, {"order": 2}], lambda2=0.5, val_likelihood=False, **kw)
+                      stages=[{"order": 1, "steps": 4}, {"order": 2}], **grouped(lambda2=0.5, val_likelihood=False, **kw))
 
 
 def _dm():
@@ -122,7 +125,7 @@ def test_validation_counts_each_point_once_under_ddp(tmp_path):
 def _validate_worker(devices: int, out: Path) -> None:
     torch.manual_seed(0)
     module = HOSMModule(net=ToyScoreNet(dim=1, encoder_width=16, embed_dim=8, decoder_width=32),
-                        stages=[{"order": 1}], likelihood_rtol=1e-7, likelihood_atol=1e-7)
+                        stages=[{"order": 1}], ode=ODEOptions(rtol=1e-7, atol=1e-7))
     dm = SyntheticDataModule(name="mog1d", batch_size=2, steps_per_epoch=2, val_size=5, test_size=5)
     counter = _CountPoints()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,

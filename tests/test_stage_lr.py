@@ -11,12 +11,14 @@ from hosm_lightning.lit.module import HOSMModule
 from hosm_lightning.lit.stages import lr_factor, validate_stages
 from hosm_lightning.nets import ToyScoreNet
 
+from _exact import grouped  # noqa: E402
+
 
 def _module(stages, **kw):
     torch.manual_seed(0)
     net = ToyScoreNet(dim=1, encoder_width=16, embed_dim=8, decoder_width=32)
-    return HOSMModule(net=net, stages=stages, lambda2=0.5, lambda3=0.1, val_likelihood=False,
-                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **kw)
+    return HOSMModule(net=net, stages=stages, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+                      **grouped(lambda2=0.5, lambda3=0.1, val_likelihood=False, **kw))
 
 
 class _Record(Callback):

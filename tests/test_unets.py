@@ -4,6 +4,7 @@ differentiability, a finite-difference check of the order-3 loss gradient, check
 Tiny configurations only (nf 16, ch_mult (1, 2), one block per level, 8×8 images, batch 2).
 """
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,13 @@ def score_model(name, net):
     _, sde_cls, par = NETS[name]
     sde = sde_cls()
     return ScoreModel(net, sde, par), sde
+
+
+def call(name, net, x, t):
+    """``net(x, t, σ(t))`` with σ = the marginal std of the net's default SDE, as ScoreModel calls it
+    (DDPM++ ignores σ; NCSN++ conditions on it)."""
+    t = torch.as_tensor(t, dtype=x.dtype)
+    return net(x, t, NETS[name][1]().marginal(t)[1].to(x.dtype))
 
 
 def images(b=2, seed=1, dtype=torch.float32):
@@ -116,12 +124,12 @@ def test_shapes_and_batch_independence(name):
     net = make(name).eval()
     assert net.dim == 3 * 8 * 8
     x, t = images(3), torch.tensor([0.1, 0.5, 0.9])
-    out = net(x, t)
+    out = call(name, net, x, t)
     assert out.shape == x.shape and torch.isfinite(out).all()
-    torch.testing.assert_close(net(x[1:2], t[1:2]), out[1:2], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(net(x, 0.5), net(x, torch.full((3,), 0.5)))  # scalar time broadcasts
+    torch.testing.assert_close(call(name, net, x[1:2], t[1:2]), out[1:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(call(name, net, x, 0.5), call(name, net, x, torch.full((3,), 0.5)))  # scalar time broadcasts
     with pytest.raises(ValueError, match="expected images"):
-        net(torch.rand(2, 3, 16, 16), t[:2])
+        call(name, net, torch.rand(2, 3, 16, 16), t[:2])
 
 
 def test_ddpmpp_eps_parameterisation():
@@ -140,14 +148,67 @@ def test_ncsnpp_score_parameterisation_and_data_range():
     net = make("ncsnpp").eval()
     model, sde = score_model("ncsnpp", net)
     x, t = images(), torch.tensor([0.2, 0.7])
-    torch.testing.assert_close(model(x, t), net(x, t))  # 'score': the net output is the score
+    sigma = sde.marginal(t)[1]  # σ_min (σ_max/σ_min)^t, the VE marginal std
+    torch.testing.assert_close(model(x, t), net(x, t, sigma))  # 'score': the net output is the score
     unscaled = NCSNpp(**TINY, scale_by_sigma=False).eval()
     unscaled.load_state_dict(net.state_dict())
-    sigma = sde.marginal(t)[1]  # σ_min (σ_max/σ_min)^t, the VE marginal std
-    torch.testing.assert_close(net(x, t) * sigma[:, None, None, None], unscaled(x, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net(x, t, sigma) * sigma[:, None, None, None], unscaled(x, t, sigma),
+                               rtol=1e-5, atol=1e-6)
     centered = NCSNpp(**TINY, centered=True).eval()
     centered.load_state_dict(net.state_dict())
-    torch.testing.assert_close(centered(2 * x - 1, t), net(x, t))  # [0,1] data are mapped to [-1,1]
+    torch.testing.assert_close(centered(2 * x - 1, t, sigma), net(x, t, sigma))  # [0,1] data are mapped to [-1,1]
+
+
+# ------------------------------------------------------------------------------------------------
+# the noise level σ(t) comes from the SDE through ScoreModel (net(x, t, sigma))
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ncsnpp_through_score_model_equals_the_old_sigma_formula(dtype):
+    """Before, NCSNpp computed log σ(t) = log σ_min + t log(σ_max/σ_min) from its own init args; now
+    ScoreModel(NCSNpp, VESDE(0.01, 50)) hands it σ(t) = sde.marginal(t)[1]. Same numbers."""
+    net = make("ncsnpp").to(dtype).eval()
+    x = images(4, dtype=dtype)
+    t = torch.tensor([1e-5, 0.2, 0.7, 1.0], dtype=dtype)
+    new = ScoreModel(net, VESDE(0.01, 50.0), "score")(x, t)
+    old_log_sigma = math.log(0.01) + t * math.log(50.0 / 0.01)
+    old_call = net(x, t, sigma=torch.exp(old_log_sigma))
+    # today's forward, spelled out: Fourier embedding of log σ(t), U-Net, output divided by σ(t)
+    old_forward = net.forward_label(2 * x - 1, old_log_sigma) / torch.exp(old_log_sigma).reshape(-1, 1, 1, 1)
+    rtol = 2e-6 if dtype == torch.float32 else 1e-9
+    for old in (old_call, old_forward):
+        torch.testing.assert_close(new, old, rtol=rtol, atol=0)
+
+
+def test_ncsnpp_without_sigma_raises_a_clear_error():
+    net = make("ncsnpp").eval()
+    with pytest.raises(ValueError, match=r"NCSNpp conditions on the noise level σ\(t\): call it through ScoreModel "
+                                         r"\(which passes sigma = sde.marginal\(t\)\[1\]\) or pass sigma"):
+        net(images(), torch.tensor([0.2, 0.7]))
+    with pytest.raises(TypeError, match="sigma_max"):  # no schedule of its own to keep in sync with the SDE
+        NCSNpp(**TINY, sigma_max=50.0)
+    assert not hasattr(net, "sigma_min") and not hasattr(net, "sigma_max")
+
+
+def test_ncsnpp_follows_the_sde_it_is_wrapped_with():
+    """Another VE schedule changes the score through σ(t) alone: the net holds no copy of σ_min/σ_max.
+    (float64: the Fourier features of log σ amplify float32 rounding of σ between the two formulas.)"""
+    net = make("ncsnpp").double().eval()
+    x, t = images(dtype=torch.float64), torch.tensor([0.2, 0.7], dtype=torch.float64)
+    default = ScoreModel(net, VESDE(0.01, 50.0), "score")(x, t)
+    other = ScoreModel(net, VESDE(0.02, 10.0), "score")(x, t)
+    expected = net(x, t, sigma=0.02 * (10.0 / 0.02) ** t)  # σ(t) of VESDE(0.02, 10)
+    torch.testing.assert_close(other, expected, rtol=1e-9, atol=0)
+    assert not torch.allclose(other, default, rtol=1e-3, atol=0)
+    # the net sees σ only: at the same σ the two wrappers agree, whatever t that σ belongs to
+    t_other = torch.log(VESDE(0.01, 50.0).sigma(t) / 0.02) / math.log(10.0 / 0.02)
+    torch.testing.assert_close(ScoreModel(net, VESDE(0.02, 10.0), "score")(x, t_other), default, rtol=1e-9, atol=0)
+
+
+def test_ddpmpp_ignores_sigma():
+    net = make("ddpmpp").eval()
+    x, t = images(), torch.tensor([0.2, 0.7])
+    assert torch.equal(net(x, t), net(x, t, torch.tensor([3.0, 0.1])))
+    assert torch.equal(net(x, t), net(x, t, sigma=None))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +331,7 @@ def test_score_sde_checkpoint_round_trip(name, tmp_path):
     dst = make(name, seed=1).eval()
     info = load_score_sde_checkpoint(dst, path, use_ema=False)
     assert info["step"] == 123 and not info["used_ema"]
-    assert torch.equal(dst(x, t), src(x, t))
+    assert torch.equal(call(name, dst, x, t), call(name, src, x, t))
 
     info = load_score_sde_checkpoint(dst, path, use_ema=True)
     assert info["used_ema"] and info["ema_decay"] == 0.999
@@ -279,12 +340,12 @@ def test_score_sde_checkpoint_round_trip(name, tmp_path):
     with torch.no_grad():
         for p, e in zip((p for p in src.parameters() if p.requires_grad), ema):
             p.copy_(e)
-    assert torch.equal(dst(x, t), src(x, t))
+    assert torch.equal(call(name, dst, x, t), call(name, src, x, t))
 
     # positional mapping of renamed keys gives the same weights
     other = make(name, seed=2).eval()
     load_score_sde_checkpoint(other, path, use_ema=True, key_map=lambda k: "renamed." + k, match="order")
-    assert torch.equal(other(x, t), src(x, t))
+    assert torch.equal(call(name, other, x, t), call(name, src, x, t))
 
 
 def test_score_sde_checkpoint_errors(tmp_path):

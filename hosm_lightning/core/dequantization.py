@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .data_range import bytes_to_model
 from .sde import SDE
 
 __all__ = [
@@ -153,7 +154,7 @@ def dequantization_draws(x: Tensor, *, centered: bool, dequantization: str = "un
     a, sigma = (float(c) for c in sde.marginal(torch.tensor([float(eps)], dtype=torch.float64)))
     half = (1.0 if centered else 0.5) / 255
     tau = a * half / sigma
-    centre = 2 * k / 255 - 1 if centered else k / 255
+    centre = bytes_to_model(k, centered, torch.float64)
     # inverse-CDF sampling in float64: n = Φ⁻¹(Φ(−τ) + u (Φ(τ) − Φ(−τ)))
     lo = torch.special.ndtr(torch.tensor(-tau, dtype=torch.float64))
     width = 1 - 2 * lo

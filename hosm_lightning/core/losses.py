@@ -1,21 +1,24 @@
 """First-, second- and third-order denoising score matching (Lu et al. 2022, §4; docs/design.md §3).
 
-Per sample: t ~ U(eps, T) (or the importance proposal), z ~ N(0, I), x_t = a x_0 + sigma z,
-s = s_theta(x_t, t), J = ∂s/∂x, ŝ = stopgrad(s), c = z + sigma ŝ, D = number of data dimensions.
+Three steps, each a small function:
 
-    dsm1 = mean_D (sigma s + z)^2                                              (sigma²-weighted DSM)
-    dsm2 = ||sigma² J + I - c cᵀ||_F² / D²  +  ((sigma² tr J + D - ||c||²) / D)²   (Frobenius + trace)
-    dsm3 = ||r||² / D³,  r = sigma³ ∇ tr J + ||c||² c - (sigma² tr J + D) c - 2 (sigma² J + I) c
+1. :func:`perturb` (core/dsm_terms.py): t ~ U(eps, T) (or the importance proposal), z ~ N(0, I), x_t = a(t) x_0 + σ(t) z.
+2. :func:`score_derivatives`: s = s_θ(x_t, t) and what the order needs of J = ∂s/∂x: the exact
+   J, tr J, ∇ tr J (a forward-mode JVP vmapped over the D basis vectors, D small), or one
+   Rademacher probe v with J v (``torch.func.jvp``; or Jᵀv by one reverse pass, ``probe_product='vjp'``),
+   vᵀJv and ∇ₓ(vᵀJv) (one reverse pass with ``create_graph=True``).
+3. The terms, with c = z + σ ŝ (ŝ = stopgrad(s)) and D = number of data dimensions:
 
-The second-order minimiser satisfies E[c cᵀ | x_t] = I + sigma² ∇² log q_t (exact ŝ), the
-third-order one E[r | x_t] = 0 (third cumulant of z given x_t); only J (dsm2) and sigma³ ∇ tr J (dsm3)
-carry gradient, c, J and tr J inside r are stop-gradient: the paper's error-bounded objectives.
+    dsm1 = mean_D (σ s + z)²                                                        (3.1)
+    dsm2 = ||σ² J + I - c cᵀ||_F² / D²  +  ((σ² tr J + D - ||c||²) / D)²              (3.2)
+    dsm3 = ||r||² / D³,  r = σ³ ∇ tr J + ||c||² c - (σ² tr J + D) c - 2 (σ² J + I) c     (3.3)
 
-Derivatives: ``exact`` builds the full Jacobian by one forward-mode JVP vmapped over the D basis
-vectors (D small); ``hutchinson`` uses one Rademacher probe v per sample, J v by forward-mode JVP
-(``torch.func.jvp``, exact J·v as in the reference), tr J ≈ vᵀ J v, ||c||² ≈ (cᵀv)², and
-∇ tr J ≈ ∇_x (vᵀ J v) by one reverse pass with ``create_graph=True``. Both differentiate w.r.t. the
-input only, so they are safe inside a DDP ``training_step`` when ``score_fn`` wraps the unwrapped net.
+   and their Hutchinson estimates (3.4): ||A||_F² ≈ ||A v||², tr J ≈ vᵀJv, ||c||² ≈ (cᵀv)², ∇ tr J ≈ ∇(vᵀJv).
+
+Only J (dsm2) and σ³ ∇ tr J (dsm3) carry gradient; c, J and tr J inside r are stop-gradient: the
+paper's error-bounded objectives. :func:`dsm_losses` composes the steps. Derivatives are taken w.r.t.
+the input only, so the losses are safe inside a DDP ``training_step`` when ``score_fn`` wraps the
+unwrapped net. Every stop-gradient (``.detach()``) of the objective lives in this module.
 """
 
 from __future__ import annotations
@@ -25,12 +28,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .dsm_terms import Derivatives, DSMTerms, Perturbed, perturb
 from .sde import SDE, bcast
 
-__all__ = ["dsm_losses", "ScoreFn", "check_score_output", "resolve_divergence", "rademacher"]
+__all__ = [
+    "dsm_losses", "perturb", "score_derivatives", "Perturbed", "Derivatives", "DSMTerms",
+    "c_vector", "dsm1", "dsm2_exact", "dsm2_hutchinson", "dsm3_residual_exact", "dsm3_residual_hutchinson",
+    "dsm3", "ScoreFn", "check_score_output", "resolve_divergence", "rademacher", "DSM2_FORMS",
+]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 DSM2_FORMS = ("both", "frobenius", "trace")
+PROBE_PRODUCTS = ("jvp", "vjp")
 
 
 def resolve_divergence(divergence: str, dim: int) -> str:
@@ -43,42 +52,22 @@ def resolve_divergence(divergence: str, dim: int) -> str:
 
 
 def check_score_output(s: Tensor, x: Tensor) -> Tensor:
+    """Return s if it is a tensor of the shape of the score's input x, else raise a ValueError."""
     if not isinstance(s, Tensor) or s.shape != x.shape:
         got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
         raise ValueError(f"score_fn output must have the shape of its input {tuple(x.shape)}, got {got}")
     return s
 
 
-def _check_inputs(x0: Tensor, sde: SDE, order: int, eps: float, dsm2_form: str, finite: bool) -> None:
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    if not (0.0 < eps < sde.T):
-        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
-    if dsm2_form not in DSM2_FORMS:
-        raise ValueError(f"dsm2_form must be one of {DSM2_FORMS}, got {dsm2_form!r}")
-    if not isinstance(x0, Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
-        shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
-        raise ValueError(f"x0 must be a batch tensor [B, ...] with B >= 1, got {shape}")
-    if finite and not torch.isfinite(x0).all():  # a host-device sync: skippable in hot loops
-        raise ValueError("x0 contains NaN or Inf values")
-
-
-def _draw(x0, sde, eps, generator, t, z, importance):
-    b = x0.shape[0]
-    if t is None:
-        t = sde.sample_t(b, eps, generator=generator, device=x0.device, importance=importance)
-    if t.shape != (b,):
-        raise ValueError(f"t must have shape [{b}], got {tuple(t.shape)}")
-    t = t.to(x0.dtype)
-    if z is None:
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if z.shape != x0.shape:
-        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}, got {tuple(z.shape)}")
-    return t, z
-
-
 def rademacher(shape, like: Tensor, generator) -> Tensor:
+    """A probe v ∈ {±1}^shape (so vᵀv = D per sample) on the device and in the dtype of ``like``."""
     return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
+
+
+# -- step 2: derivatives of the score ------------------------------------------------------------
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 at least (float64 stays float64): the precision of every order ≥ 2 computation."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _jvp(score_fn: ScoreFn, x: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,41 +83,126 @@ def _vjp(score_fn: ScoreFn, x: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Te
     return s, jtv
 
 
-def _exact_derivs(score_fn, x, t, need_grad_tr):
-    """s [B,D], J [B,D,D] (J[b,i,j] = ∂s_i/∂x_j), tr J [B], ∇ tr J [B,D] or None.
-
-    The D columns J e_j come from one forward-mode JVP vmapped over the basis vectors, so the
-    network's primal output is computed once (the score_fn must be vmap-compatible, e.g. no dropout).
-    """
+def _exact_derivatives(score_fn: ScoreFn, x: Tensor, t: Tensor, order: int) -> Derivatives:
+    """The D columns J e_j from one forward-mode JVP vmapped over the basis vectors, so the network's
+    primal output is computed once (score_fn must be vmap-compatible, e.g. no dropout)."""
     d = x[0].numel()
     basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:]).expand(d, *x.shape)
     s, cols = torch.func.vmap(lambda e: torch.func.jvp(lambda y: score_fn(y, t), (x,), (e,)), out_dims=(None, 0))(basis)
     s = check_score_output(s, x).flatten(1)
     jac = cols.flatten(2).permute(1, 2, 0)
     tr = jac.diagonal(dim1=1, dim2=2).sum(-1)
-    grad_tr = torch.autograd.grad(tr.sum(), x, create_graph=True)[0].flatten(1) if need_grad_tr else None
-    return s, jac, tr, grad_tr
+    grad_tr = torch.autograd.grad(tr.sum(), x, create_graph=True)[0].flatten(1) if order == 3 else None
+    return Derivatives(s=s, mode="exact", jac=jac, tr_j=tr, grad_tr_j=grad_tr)
 
 
-def _exact_terms(s, jac, tr, grad_tr, z, sigma, d, order):
-    c = z + sigma[:, None] * s.detach()
-    sig2 = (sigma**2)[:, None, None]
-    eye = torch.eye(d, dtype=z.dtype, device=z.device)
-    cc = (c * c).sum(1)
-    out = {}
-    a_mat = sig2 * jac + eye - c[:, :, None] * c[:, None, :]
-    out["dsm2_fro"] = a_mat.pow(2).sum((1, 2)) / d**2
-    out["dsm2_tr"] = ((sigma**2 * tr + d - cc) / d) ** 2
-    if order == 3:
-        jc = torch.einsum("bij,bj->bi", jac.detach(), c)
-        r = (
-            (sigma**3)[:, None] * grad_tr
-            + cc[:, None] * c
-            - (sigma**2 * tr.detach() + d)[:, None] * c
-            - 2 * ((sigma**2)[:, None] * jc + c)
-        )
-        out["dsm3"], out["r"] = r.pow(2).sum(1) / d**3, r.detach()
-    return out
+def score_derivatives(score_fn: ScoreFn, perturbed: Perturbed, order: int, mode: str = "auto",
+                      probe_product: str = "jvp", v: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Derivatives:
+    """s = s_θ(x_t, t) and, for order ≥ 2, J, tr J, ∇ tr J (3.2)-(3.3) or their probe versions (3.4).
+
+    Order ≥ 2 runs in float32 at least with autocast off; ``mode`` is 'exact', 'hutchinson' or 'auto'
+    (exact if D ≤ 4); the probe v (shape of x_t) is drawn from ``generator`` unless given.
+    """
+    xt, t = perturbed.xt, perturbed.t
+    if order == 1:
+        return Derivatives(s=check_score_output(score_fn(xt, t), xt))
+    mode = resolve_divergence(mode, xt[0].numel())
+    if probe_product not in PROBE_PRODUCTS:
+        raise ValueError(f"probe_product must be 'jvp' or 'vjp', got {probe_product!r}")
+    ft = _working_dtype(xt.dtype)
+    with torch.autocast(device_type=xt.device.type, enabled=False):
+        x = xt.detach().to(ft).requires_grad_(order == 3 or (mode == "hutchinson" and probe_product == "vjp"))
+        if mode == "exact":
+            return _exact_derivatives(score_fn, x, t.to(ft), order)
+        if v is None:
+            v = rademacher(xt.shape, x, generator)
+        if v.shape != xt.shape:
+            raise ValueError(f"v must have the shape of x0 {tuple(xt.shape)}, got {tuple(v.shape)}")
+        s, jv = (_jvp if probe_product == "jvp" else _vjp)(score_fn, x, t.to(ft), v.to(ft))
+        s, jv, v = s.flatten(1), jv.flatten(1), v.to(ft).flatten(1)
+        vjv = (v * jv).sum(1)
+        grad_vjv = torch.autograd.grad(vjv.sum(), x, create_graph=True)[0].flatten(1) if order == 3 else None
+    return Derivatives(s=s, mode="hutchinson", v=v, jv=jv, vjv=vjv, grad_vjv=grad_vjv)
+
+
+# -- step 3: the terms ---------------------------------------------------------------------------
+def c_vector(s: Tensor, z: Tensor, sigma: Tensor) -> Tensor:
+    """c = z + σ ŝ [B, D] with ŝ = stopgrad(s): E[c cᵀ | x_t] = I + σ² ∇² log q_t at the true score."""
+    return z + sigma[:, None] * s.detach()
+
+
+def dsm1(s: Tensor, z: Tensor, sigma: Tensor) -> Tensor:
+    """(3.1) dsm1 = mean_D (σ s + z)² [B]: first-order DSM, σ²-weighted (s, z of one shape [B, ...])."""
+    return (bcast(sigma, s) * s + z).pow(2).flatten(1).mean(1)
+
+
+def dsm2_exact(c: Tensor, jac: Tensor, tr_j: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(3.2) Frobenius ||σ² J + I - c cᵀ||_F² / D² and trace ((σ² tr J + D - ||c||²) / D)², each [B]."""
+    d = c.shape[1]
+    eye = torch.eye(d, dtype=c.dtype, device=c.device)
+    a_mat = (sigma**2)[:, None, None] * jac + eye - c[:, :, None] * c[:, None, :]
+    fro = a_mat.pow(2).sum((1, 2)) / d**2
+    tr = ((sigma**2 * tr_j + d - (c * c).sum(1)) / d) ** 2
+    return fro, tr
+
+
+def dsm2_hutchinson(c: Tensor, v: Tensor, jv: Tensor, vjv: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(3.4) of (3.2) with one probe: ||(σ² J + I - c cᵀ) v||² / D² and ((σ² vᵀJv + D - (cᵀv)²) / D)²."""
+    d = c.shape[1]
+    sig2, cv = sigma**2, (c * v).sum(1)
+    fro = (sig2[:, None] * jv + v - cv[:, None] * c).pow(2).sum(1) / d**2
+    tr = ((sig2 * vjv + d - cv**2) / d) ** 2
+    return fro, tr
+
+
+def dsm3_residual_exact(c: Tensor, jac: Tensor, tr_j: Tensor, grad_tr_j: Tensor, sigma: Tensor) -> Tensor:
+    """(3.3) r = σ³ ∇ tr J + ||c||² c - (σ² tr Ĵ + D) c - 2 (σ² Ĵ + I) c [B, D], Ĵ = stopgrad(J):
+    only σ³ ∇ tr J carries gradient."""
+    d = c.shape[1]
+    jc = torch.einsum("bij,bj->bi", jac.detach(), c)
+    return (
+        (sigma**3)[:, None] * grad_tr_j
+        + (c * c).sum(1)[:, None] * c
+        - (sigma**2 * tr_j.detach() + d)[:, None] * c
+        - 2 * ((sigma**2)[:, None] * jc + c)
+    )
+
+
+def dsm3_residual_hutchinson(c: Tensor, v: Tensor, jv: Tensor, vjv: Tensor, grad_vjv: Tensor, sigma: Tensor) -> Tensor:
+    """(3.4) of (3.3): r = σ³ ∇(vᵀJv) + (cᵀv)² c - (σ² vᵀĴv + D) c - 2 (cᵀv)(σ² Ĵv + v) [B, D]."""
+    d = c.shape[1]
+    sig2, cv = sigma**2, (c * v).sum(1)
+    return (
+        (sigma**3)[:, None] * grad_vjv
+        + (cv**2)[:, None] * c
+        - (sig2 * vjv.detach() + d)[:, None] * c
+        - 2 * cv[:, None] * (sig2[:, None] * jv.detach() + v)
+    )
+
+
+def dsm3(r: Tensor) -> Tensor:
+    """(3.3) dsm3 = ||r||² / D³ [B]."""
+    return r.pow(2).sum(1) / r.shape[1] ** 3
+
+
+# -- composition ---------------------------------------------------------------------------------
+def _check_inputs(x0: Tensor, sde: SDE, order: int, eps: float, divergence: str, dsm2_form: str,
+                  probe_product: str, finite: bool) -> None:
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if not (0.0 < eps < sde.T):
+        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    resolve_divergence(divergence, 1)
+    if dsm2_form not in DSM2_FORMS:
+        raise ValueError(f"dsm2_form must be one of {DSM2_FORMS}, got {dsm2_form!r}")
+    if probe_product not in PROBE_PRODUCTS:
+        raise ValueError(f"probe_product must be 'jvp' or 'vjp', got {probe_product!r}")
+    if not isinstance(x0, Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
+        shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+        raise ValueError(f"x0 must be a batch tensor [B, ...] with B >= 1, got {shape}")
+    if finite and not torch.isfinite(x0).all():  # a host-device sync: skippable in hot loops
+        raise ValueError("x0 contains NaN or Inf values")
 
 
 def dsm_losses(
@@ -147,14 +221,13 @@ def dsm_losses(
     v: Tensor | None = None,
     probe_product: str = "jvp",
     check_finite: bool = True,
-    return_info: bool = False,
-):
-    """Per-sample DSM losses of order 1..``order``.
+) -> DSMTerms:
+    """Per-sample DSM terms (3.1)-(3.3) of order 1..``order``: perturb → score_derivatives → terms.
 
     Args:
         score_fn: ``score_fn(x, t) -> ∇_x log p_t(x)`` (shape of x), differentiable in x and θ.
         x0: clean data [B, ...].
-        sde: the forward SDE (gives a(t), sigma(t)).
+        sde: the forward SDE (gives a(t), σ(t)).
         order: highest order, 1, 2 or 3.
         eps: smallest training time, in (0, T).
         generator: RNG for t, z, v (draw order: t, z, v), e.g. seeded from (seed, rank).
@@ -167,69 +240,31 @@ def dsm_losses(
             expectation and vᵀJᵀv = vᵀJv, but the stop-gradient term of r becomes (σ²Jᵀ + I)c in
             expectation, which equals (σ²J + I)c only for a symmetric J, e.g. at the true score).
         check_finite: raise a ValueError if x0 has NaN/Inf (costs one host-device sync).
-        return_info: also return a dict with t, sigma, the two dsm2 forms and (order 3) the residual r.
 
     Returns:
-        ``{'dsm1': [B], 'dsm2': [B], 'dsm3': [B]}`` up to ``order`` (dimensionless, per sample),
-        or ``(losses, info)`` if ``return_info``.
+        :class:`DSMTerms`: a mapping ``{'dsm1': [B], 'dsm2': [B], 'dsm3': [B]}`` up to ``order``
+        (dimensionless, per sample) with ``.info`` (t, sigma; dsm2_fro, dsm2_tr; r for order 3).
     """
-    _check_inputs(x0, sde, order, eps, dsm2_form, check_finite)
-    if probe_product not in ("jvp", "vjp"):
-        raise ValueError(f"probe_product must be 'jvp' or 'vjp', got {probe_product!r}")
-    t, z = _draw(x0, sde, eps, generator, t, z, importance)
-    d = x0[0].numel()
-    mean_coef, sigma = sde.marginal(t)
-    xt = bcast(mean_coef, x0) * x0 + bcast(sigma, x0) * z
-    info = {"t": t, "sigma": sigma}
+    _check_inputs(x0, sde, order, eps, divergence, dsm2_form, probe_product, check_finite)
+    p = perturb(x0, sde, eps, generator, t=t, z=z, importance=importance)
+    info = {"t": p.t, "sigma": p.sigma}
+    der = score_derivatives(score_fn, p, order, divergence, probe_product, v, generator)
     if order == 1:
-        s = check_score_output(score_fn(xt, t), xt)
-        losses = {"dsm1": (bcast(sigma, s) * s + z).pow(2).flatten(1).mean(1)}
-        return (losses, info) if return_info else losses
-
-    mode = resolve_divergence(divergence, d)
-    ft = torch.promote_types(x0.dtype, torch.float32)  # float32 at least (float64 stays float64)
+        return DSMTerms({"dsm1": dsm1(der.s, p.z, p.sigma)}, info)
+    ft = _working_dtype(x0.dtype)
     with torch.autocast(device_type=x0.device.type, enabled=False):
-        xt = xt.detach().to(ft).requires_grad_(order == 3 or (mode == "hutchinson" and probe_product == "vjp"))
-        zf, sigf = z.to(ft).flatten(1), sigma.to(ft)
-        if mode == "exact":
-            s, jac, tr, grad_tr = _exact_derivs(score_fn, xt, t.to(ft), order == 3)
-            terms = _exact_terms(s, jac, tr, grad_tr, zf, sigf, d, order)
+        z, sigma = p.z.to(ft).flatten(1), p.sigma.to(ft)
+        c = c_vector(der.s, z, sigma)
+        if der.mode == "exact":
+            fro, tr = dsm2_exact(c, der.jac, der.tr_j, sigma)
+            r = dsm3_residual_exact(c, der.jac, der.tr_j, der.grad_tr_j, sigma) if order == 3 else None
         else:
-            if v is None:
-                v = rademacher(x0.shape, xt, generator)
-            if v.shape != x0.shape:
-                raise ValueError(f"v must have the shape of x0 {tuple(x0.shape)}, got {tuple(v.shape)}")
-            s, jv = (_jvp if probe_product == "jvp" else _vjp)(score_fn, xt, t.to(ft), v.to(ft))
-            s, jv, vf = s.flatten(1), jv.flatten(1), v.to(ft).flatten(1)
-            terms = _probe_terms(s, jv, vf, xt, zf, sigf, d, order)
-    losses = {"dsm1": (sigf[:, None] * s + zf).pow(2).mean(1)}
-    fro, tr2, r = terms.pop("dsm2_fro"), terms.pop("dsm2_tr"), terms.pop("r", None)
-    losses["dsm2"] = {"both": fro + tr2, "frobenius": fro, "trace": tr2}[dsm2_form]
-    losses.update(terms)
-    info.update(dsm2_fro=fro.detach(), dsm2_tr=tr2.detach())
+            fro, tr = dsm2_hutchinson(c, der.v, der.jv, der.vjv, sigma)
+            r = dsm3_residual_hutchinson(c, der.v, der.jv, der.vjv, der.grad_vjv, sigma) if order == 3 else None
+        terms = {"dsm1": dsm1(der.s, z, sigma), "dsm2": {"both": fro + tr, "frobenius": fro, "trace": tr}[dsm2_form]}
+        if r is not None:
+            terms["dsm3"] = dsm3(r)
+    info.update(dsm2_fro=fro.detach(), dsm2_tr=tr.detach())
     if r is not None:
-        info["r"] = r  # third-order residual [B, D] (detached), E[r | x_t] = 0 at the truth
-    return (losses, info) if return_info else losses
-
-
-def _probe_terms(s, jv, v, x, z, sigma, d, order):
-    """Hutchinson estimates of the dsm2/dsm3 terms with one Rademacher probe v (vᵀv = D)."""
-    c = z + sigma[:, None] * s.detach()
-    sig2 = sigma**2
-    vjv = (v * jv).sum(1)
-    cv = (c * v).sum(1)
-    out = {
-        "dsm2_fro": (sig2[:, None] * jv + v - cv[:, None] * c).pow(2).sum(1) / d**2,
-        "dsm2_tr": ((sig2 * vjv + d - cv**2) / d) ** 2,
-    }
-    if order == 3:
-        grad_vjv = torch.autograd.grad(vjv.sum(), x, create_graph=True)[0].flatten(1)
-        vjv_sg, jv_sg = vjv.detach(), jv.detach()
-        r = (
-            (sigma**3)[:, None] * grad_vjv
-            + (cv**2)[:, None] * c
-            - (sig2 * vjv_sg + d)[:, None] * c
-            - 2 * cv[:, None] * (sig2[:, None] * jv_sg + v)
-        )
-        out["dsm3"], out["r"] = r.pow(2).sum(1) / d**3, r.detach()
-    return out
+        info["r"] = r.detach()
+    return DSMTerms(terms, info)

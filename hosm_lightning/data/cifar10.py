@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.data_range import bytes_to_model
 from .sharding import eval_sampler
+from .spec import DataSpec
 
 __all__ = ["CIFAR10DataModule", "read_cifar10", "write_fake_cifar10"]
 
@@ -128,10 +130,10 @@ class _TrainImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> Tensor:
-        x = self.images[i].float() / 255.0
+        x = bytes_to_model(self.images[i], self.centered)
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return x * 2 - 1 if self.centered else x
+        return x
 
 
 class _RawImages(Dataset):
@@ -180,10 +182,14 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.root, self.batch_size, self.eval_batch_size = str(root), int(batch_size), int(eval_batch_size)
         self.centered, self.random_flip, self.download = bool(centered), bool(random_flip), bool(download)
         self.num_workers, self.val_size, self.test_subset = int(num_workers), int(val_size), test_subset
-        self.entropy = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    def data_spec(self) -> DataSpec:
+        """uint8 images 3×32×32 (bits/dim); the FID reference is all 50 000 training images."""
+        return DataSpec(shape=self.image_shape, discrete=True, centered=self.centered, name="CIFAR-10",
+                        reference_images=lambda: read_cifar10(self.root, train=True)[0])
 
     def prepare_data(self) -> None:
         """Download with torchvision only when ``download=True`` and the files are not there yet."""

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.data_range import bytes_to_model
 from ..core.sde import SDE
+from .spec import DataSpec
 from .synthetic import _FreshBatches, _ResumableLoader, train_key
 
 __all__ = ["QuantizedMarginal", "DiscreteProduct", "DiscreteDataModule", "MARGINALS", "SHAPES", "KINDS"]
@@ -103,7 +105,7 @@ class DiscreteProduct:
     def grid(self) -> Tensor:
         """Bin centres x̄_k in model space, float64 [256]."""
         k = torch.arange(256, dtype=torch.float64)
-        return 2 * k / 255 - 1 if self.centered else k / 255
+        return bytes_to_model(k, self.centered, torch.float64)
 
     def sample_bytes(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n i.i.d. draws, uint8 [n, D]."""
@@ -260,8 +262,13 @@ class DiscreteDataModule(L.LightningDataModule):
         return self.distribution.sample_bytes(n, generator).reshape(n, *self.sample_shape)
 
     def to_model_range(self, k: Tensor) -> Tensor:
-        x = k.float() / 255
-        return 2 * x - 1 if self.centered else x
+        return bytes_to_model(k, self.centered)
+
+    def data_spec(self) -> DataSpec:
+        """uint8 evaluation data with exact byte probabilities and entropy (bits/dim)."""
+        return DataSpec(shape=tuple(self.sample_shape), discrete=True, centered=self.centered,
+                        name=f"discrete-{self.shape}-{self.kind}", entropy=self.entropy,
+                        log_prob_bytes=self.distribution.log_prob_bytes)
 
     def _train_sample(self, n: int, g: torch.Generator) -> Tensor:
         return self.to_model_range(self.sample_bytes(n, g))

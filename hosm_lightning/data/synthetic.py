@@ -18,11 +18,33 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.mixtures import GaussianMixture, paper_mog1d
 from .sharding import eval_sampler
+from .spec import DataSpec
 
-__all__ = ["checkerboard", "swissroll", "SyntheticDataModule", "DATASETS"]
+__all__ = ["checkerboard", "swissroll", "SyntheticDataModule", "DATASETS", "exact_logp_2d", "CHECKERBOARD_LOGP"]
 
 DATASETS = ("mog1d", "checkerboard", "swissroll", "gmm")
 CHECKERBOARD_ENTROPY = math.log(32.0)  # uniform on 8 squares of side 2
+CHECKERBOARD_LOGP = -CHECKERBOARD_ENTROPY
+
+
+def exact_logp_2d(name: str, points: Tensor) -> Tensor | None:
+    """Exact log density (nats, [N]) of a named 2-D toy distribution at ``points`` [N, 2], or None.
+
+    'checkerboard': uniform on the 8 squares of side 2 in [-4, 4)² whose integer cell indices
+    (floor(x/2), floor(y/2)) have an even sum -- log(1/32) inside, -inf outside. This matches the
+    sampler x1 ~ U[-2, 2), x2 = U[0, 1) - 2 Bernoulli + (floor(x1) mod 2), returned as 2 (x1, x2).
+    Unknown names (e.g. 'swissroll', whose density has no closed form) give None.
+    """
+    if name != "checkerboard":
+        return None
+    p = points.reshape(-1, 2)
+    box = ((p >= -4) & (p < 4)).all(dim=1)
+    cells = torch.floor(p / 2)
+    even = torch.remainder(cells[:, 0] + cells[:, 1], 2) == 0
+    inside = box & even
+    dtype = p.dtype if p.is_floating_point() else torch.float32
+    full = torch.full(inside.shape, CHECKERBOARD_LOGP, dtype=dtype, device=p.device)
+    return torch.where(inside, full, torch.full_like(full, -math.inf))
 
 
 def checkerboard(n: int, g: torch.Generator | None = None) -> Tensor:
@@ -168,7 +190,6 @@ class SyntheticDataModule(L.LightningDataModule):
             if means is None or variances is None:
                 raise ValueError("name='gmm' needs `means` ([K, D] or [K]) and `variances`; `weights` is optional")
             self._mixture = GaussianMixture(means, variances, weights)
-        self.centered = None  # not image data
         self._entropy: float | None = None
         self._val: Tensor | None = None
         self._test: Tensor | None = None
@@ -193,6 +214,14 @@ class SyntheticDataModule(L.LightningDataModule):
             elif self._mixture is not None and self._mixture.dim == 1:
                 self._entropy = self._mixture.entropy()
         return self._entropy
+
+    def data_spec(self) -> DataSpec:
+        """Float data [B, dim]; exact density for the mixtures and the checkerboard (docs/design.md §5)."""
+        mix = self._mixture
+        log_prob = mix.log_prob if mix is not None else (
+            (lambda x: exact_logp_2d("checkerboard", x)) if self.name == "checkerboard" else None)
+        return DataSpec(shape=(self.dim,), discrete=False, name=self.name, entropy=self.entropy, log_prob=log_prob,
+                        mixture=mix, sample=self.sample)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples from the data distribution, float32 [n, dim]."""

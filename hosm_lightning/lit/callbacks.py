@@ -23,9 +23,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from ..core.likelihood import ode_sample
+from ..core.ode_options import ODEOptions
+from ..data.spec import describe
 from .module import batch_tensor
-from .plots import density_figure_1d, density_figure_2d, exact_logp_2d, image_grid, samples_figure, save_figure
+from .plots import density_figure_1d, density_figure_2d, image_grid, samples_figure, save_figure
 
 __all__ = ["DensityPlotCallback", "InterruptCheckpoint"]
 
@@ -43,8 +44,8 @@ class DensityPlotCallback(L.Callback):
         grid_size: number of 1-D grid points.
         grid_size_2d: points per side of the 2-D grid.
         num_samples: number of ODE samples (16 at most for images).
-        sample_rtol: relative ODE solver tolerance for sampling.
-        sample_atol: absolute ODE solver tolerance for sampling.
+        ode: overrides of the model's ODE options (``model.ode``) for the plots' solves, e.g.
+            ``{rtol: 1.0e-3, atol: 1.0e-3}`` for quick image samples. Default: the model's options.
         out_dir: PNG folder (default ``<trainer.log_dir>/plots``).
     """
 
@@ -54,8 +55,7 @@ class DensityPlotCallback(L.Callback):
         grid_size: int = 400,
         grid_size_2d: int = 48,
         num_samples: int = 500,
-        sample_rtol: float = 1e-4,
-        sample_atol: float = 1e-4,
+        ode: dict | None = None,
         out_dir: str | None = None,
     ):
         super().__init__()
@@ -63,10 +63,10 @@ class DensityPlotCallback(L.Callback):
                             ("grid_size_2d", grid_size_2d), ("num_samples", num_samples)):
             if int(value) < 1:
                 raise ValueError(f"DensityPlotCallback.{name} must be >= 1, got {value!r}")
-        if not (sample_rtol > 0 and sample_atol > 0):
-            raise ValueError("DensityPlotCallback.sample_rtol and sample_atol must be positive")
+        self.ode = dict(ode or {})
+        ODEOptions().replace(**self.ode)  # unknown keys or bad values fail here
         self.every_n_epochs, self.grid_size, self.grid_size_2d = int(every_n_epochs), int(grid_size), int(grid_size_2d)
-        self.num_samples, self.sample_rtol, self.sample_atol = int(num_samples), float(sample_rtol), float(sample_atol)
+        self.num_samples = int(num_samples)
         self.out_dir = out_dir
         #: path of the latest density PNG (None until one is written)
         self.last_density_path: str | None = None
@@ -96,24 +96,21 @@ class DensityPlotCallback(L.Callback):
 
     # -- work -----------------------------------------------------------------------------------
     def _plot(self, trainer, pl_module, x: Tensor) -> None:
-        dm = getattr(trainer, "datamodule", None)
+        spec = describe(trainer.datamodule)
         step = trainer.global_step
         out = getattr(self, "_out", None) or Path(self.out_dir or os.path.join(trainer.default_root_dir or ".", "plots"))
-        image_shape = getattr(dm, "image_shape", None)
-        if x.dtype == torch.uint8 or image_shape is not None:
-            self._images(trainer, pl_module, tuple(image_shape or x.shape[1:]), out, step)
+        if x.dtype == torch.uint8 or spec.is_image:
+            self._images(trainer, pl_module, tuple(spec.shape or x.shape[1:]), spec.centered, out, step)
             return
         x = x.reshape(len(x), -1)
         x = x if x.is_floating_point() else x.float()
-        dim = int(getattr(dm, "dim", None) or x.shape[1])
-        mixture = getattr(dm, "mixture", None)
-        entropy = getattr(dm, "entropy", None)
+        dim = int(spec.dim or x.shape[1])
         samples = self._sample(pl_module, (self.num_samples, dim), x.dtype)
         density = None
         if dim == 1:
-            density = self._density_1d(pl_module, x, mixture, entropy, step)
+            density = self._density_1d(pl_module, x, spec, step)
         elif dim == 2:
-            density = self._density_2d(pl_module, x, mixture, getattr(dm, "name", None), samples, step)
+            density = self._density_2d(pl_module, x, spec, samples, step)
         sfig = samples_figure(samples, x, title=f"ODE samples, step {step} (nfe {self.last_info.get('sample_nfe')})")
         self._log_figure(trainer, "val/samples", sfig, step)
         self.last_samples_path = str(save_figure(sfig, out / "samples_latest.png"))
@@ -122,29 +119,26 @@ class DensityPlotCallback(L.Callback):
             save_figure(density, out / f"density_step{step:06d}.png")
             self.last_density_path = str(save_figure(density, out / "density_latest.png"))
 
-    def _generator(self, pl_module, tag: str):
-        return pl_module.generator(tag) if hasattr(pl_module, "generator") else None
-
     def _sample(self, pl_module, shape: tuple, dtype) -> Tensor:
         """ODE samples of the (EMA) score model, from a fixed prior draw so plots compare across steps."""
-        score = getattr(pl_module, "score_model", pl_module)
         start = time.perf_counter()
-        x, info = ode_sample(score, pl_module.sde, shape, rtol=self.sample_rtol, atol=self.sample_atol,
-                             generator=self._generator(pl_module, "plot"), device=pl_module.device)
+        x_T = pl_module.sde.prior_sample(shape, generator=pl_module.generator("plot"), device=pl_module.device)
+        x, info = pl_module.sample(x_T, pl_module.ode.replace(**self.ode))
         self.last_info.update(sample_nfe=info["nfe"], sample_seconds=time.perf_counter() - start)
         return x.to(dtype)
 
     def _logp(self, pl_module, pts: Tensor, chunk: int = 1024) -> Tensor:
         """Model log-likelihood (nats) of ``pts`` [N, D], in chunks (one ODE solve each)."""
-        gen, start, nfe, parts = self._generator(pl_module, "plot-ll"), time.perf_counter(), 0, []
+        gen, start, nfe, parts = pl_module.generator("plot-ll"), time.perf_counter(), 0, []
+        ode = pl_module.ode.replace(**self.ode)
         for piece in pts.split(chunk):
-            logp, info = pl_module.log_likelihood(piece.contiguous(), gen)
+            logp, info = pl_module.log_likelihood(piece.contiguous(), gen, ode)
             parts.append(logp.detach())
             nfe += int(info.get("nfe", 0))
         self.last_info.update(density_nfe=nfe, density_seconds=time.perf_counter() - start)
         return torch.cat(parts)
 
-    def _density_1d(self, pl_module, x: Tensor, mixture, entropy, step: int):
+    def _density_1d(self, pl_module, x: Tensor, spec, step: int):
         data = x[:, 0]
         lo, hi = float(data.min()), float(data.max())
         if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
@@ -153,11 +147,11 @@ class DensityPlotCallback(L.Callback):
             lo, hi = -1.2, 1.0
         grid = torch.linspace(lo, hi, self.grid_size, dtype=x.dtype, device=pl_module.device)
         logp = self._logp(pl_module, grid[:, None])
-        exact = mixture.log_prob(grid[:, None]) if mixture is not None and mixture.dim == 1 else None
-        title = f"step {step} | " + _summary(logp, exact, entropy, lambda p: torch.trapezoid(p, grid))
+        exact = spec.log_prob(grid[:, None]) if spec.log_prob is not None else None
+        title = f"step {step} | " + _summary(logp, exact, spec.entropy, lambda p: torch.trapezoid(p, grid))
         return density_figure_1d(grid, logp, exact, data, title=title)
 
-    def _density_2d(self, pl_module, x: Tensor, mixture, name, samples: Tensor, step: int):
+    def _density_2d(self, pl_module, x: Tensor, spec, samples: Tensor, step: int):
         lo, hi = x.min(0).values, x.max(0).values
         pad = (0.1 * (hi - lo)).clamp_min(0.1)
         lo, hi = lo - pad, hi + pad
@@ -167,20 +161,15 @@ class DensityPlotCallback(L.Callback):
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         pts = torch.stack([xx, yy], dim=-1).reshape(-1, 2)
         logp = self._logp(pl_module, pts).reshape(n, n)
-        if mixture is not None and mixture.dim == 2:
-            exact = mixture.log_prob(pts).reshape(n, n)
-        else:
-            exact = exact_logp_2d(name, pts) if name else None
-            exact = None if exact is None else exact.reshape(n, n)
+        exact = spec.log_prob(pts).reshape(n, n) if spec.log_prob is not None else None
         cell = float((xs[1] - xs[0]) * (ys[1] - ys[0])) if n > 1 else 1.0
         title = f"step {step} | " + _summary(logp, exact, None, lambda p: p.sum() * cell)
         return density_figure_2d(xs, ys, logp, exact, samples, title=title)
 
-    def _images(self, trainer, pl_module, image_shape: tuple, out: Path, step: int) -> None:
+    def _images(self, trainer, pl_module, image_shape: tuple, centered: bool, out: Path, step: int) -> None:
         n = min(self.num_samples, 16)
         samples = self._sample(pl_module, (n, *image_shape), torch.float32)
-        grid = image_grid(samples, centered=bool(getattr(pl_module, "data_centered", True)),
-                          nrow=max(1, math.ceil(math.sqrt(n))))
+        grid = image_grid(samples, centered=centered, nrow=max(1, math.ceil(math.sqrt(n))))
         for logger in _tensorboards(trainer):
             logger.experiment.add_image("val/samples", grid, global_step=step)
         from matplotlib.image import imsave

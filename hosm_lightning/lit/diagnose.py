@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core.diagnostics import kl_decomposition, score_report, sigma_grid
+from ..data.spec import describe
 from .checkpoints import load_weights
 from .plots import diagnostics_figure, save_figure
 
@@ -36,7 +37,7 @@ def band_integrals(report: dict, bands=BANDS) -> list[float]:
 
 
 def _check(datamodule, ckpts, labels, num_times, num_points, identity_points):
-    mixture = getattr(datamodule, "mixture", None)
+    mixture = describe(datamodule).mixture
     if mixture is None:
         raise ValueError("diagnose needs data with an exact density: use a Gaussian mixture "
                          "(data.init_args.name: mog1d or gmm)")
@@ -50,21 +51,24 @@ def _check(datamodule, ckpts, labels, num_times, num_points, identity_points):
 
 
 def run_diagnose(model, datamodule, ckpts: list[str], labels: list[str] | None, *, num_times: int, num_points: int,
-                 identity_points: int, rtol: float, seed: int, out: Path, loggers=()) -> dict:
+                 identity_points: int, rtol: float | None, seed: int, out: Path, loggers=()) -> dict:
     """Score reports (and optionally the KL identity) of each checkpoint; returns the JSON dict."""
     mixture = _check(datamodule, ckpts, labels, num_times, num_points, identity_points)
     labels = labels or [Path(c).stem for c in ckpts]
     model = model.eval()
+    ode = model.ode.replace(rtol=rtol, atol=rtol)  # the model's ODE options; --rtol sets rtol = atol
+    eps = ode.likelihood_kwargs(model.sde)["eps"]
     reports, identity = {}, {}
     for label, ckpt in zip(labels, ckpts):
         load_weights(model, ckpt)
-        times = sigma_grid(model.sde, model.eps, num_times)
+        times = sigma_grid(model.sde, eps, num_times)
         reports[label] = score_report(model.score_model, model.sde, mixture, times=times, n=num_points,
-                                      generator=torch.Generator().manual_seed(seed), rtol=rtol, atol=rtol)
+                                      generator=torch.Generator().manual_seed(seed), rtol=ode.rtol, atol=ode.atol)
         reports[label]["bands"] = band_integrals(reports[label])
         if identity_points:
-            identity[label] = kl_decomposition(model.score_model, model.sde, mixture, n=identity_points, eps=model.eps,
-                                               generator=torch.Generator().manual_seed(seed + 1), rtol=rtol, atol=rtol)
+            identity[label] = kl_decomposition(model.score_model, model.sde, mixture, n=identity_points, eps=eps,
+                                               generator=torch.Generator().manual_seed(seed + 1), rtol=ode.rtol,
+                                               atol=ode.atol)
     fig = diagnostics_figure(reports, f"score diagnostics per noise level ({num_points} exact draws of x_t per σ)")
     png = save_figure(fig, out / "diagnose.png")
     for logger in loggers:

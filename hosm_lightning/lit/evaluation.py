@@ -19,12 +19,13 @@ sample is counted exactly once:
   protocol for CIFAR-10 bits/dim uses 5). We report the mean over samples and repeats. The
   standard error is computed over samples from the per-sample means across repeats, because the
   samples are the independent units.
-* **Weights and module.** The callback calls ``pl_module.score_model``, the unwrapped score
-  network. It never calls the DDP wrapper: an adaptive solver takes a different number of steps
-  on each rank, so a wrapped forward would hang. At test time the module holds the weights of
-  the checkpoint's ``state_dict``, which are the EMA weights when ``EMAWeightAveraging`` was on.
-  The same holds right after ``fit`` in the same process, because ``on_train_end`` copies the
-  average into the module.
+* **Weights and module.** The callback goes through the module's one likelihood path,
+  ``pl_module.log_likelihood`` (float data) and ``pl_module.bits_per_dim`` (uint8 data), with the
+  module's ODE options (``model.ode``) and this callback's ``ode`` overrides. Both run the unwrapped
+  score network, never the DDP wrapper: an adaptive solver takes a different number of steps on each
+  rank, so a wrapped forward would hang. At test time the module holds the weights of the
+  checkpoint's ``state_dict``, which are the EMA weights when weight averaging was on. The same holds
+  right after ``fit`` in the same process, because ``on_train_end`` copies the average into the module.
 
 * **Dequantization protocols** (uint8 data, core/dequantization.py): ``uniform`` (the paper's
   y = (k + u)/256) and/or ``truncated_normal`` (i-DODE: x_eps = a x̄ + σ n, n a normal truncated to
@@ -38,7 +39,7 @@ Logged (once per split, the same value on every rank): ``<split>/nll`` and ``<sp
 ``<split>/bpd``, ``<split>/bpd_se`` = the uniform value (backward compatible; absent when only
 the truncated normal is evaluated); also ``<split>/nfe`` (mean score evaluations per ODE solve),
 ``<split>/n``, ``<split>/nll_gap`` when the data module knows its entropy, and ``<split>/kl``,
-``<split>/kl_se`` when it knows its exact density (a ``mixture`` with ``log_prob``, or the
+``<split>/kl_se`` when it knows its exact density (``DataSpec.log_prob``: the mixtures and the
 checkerboard): the mean over the same points of log q0(x) − log p(x) in nats, with the standard
 error of the per-point difference (much smaller than that of the NLL itself). Rank 0 can also
 write the per-sample values to a .npz or .csv file.
@@ -59,10 +60,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
 
-from ..core.dequantization import TAGS, bits_per_dim, resolve_protocol
-from ..core.likelihood import ode_log_likelihood
-from ..core.losses import rademacher, resolve_divergence
+from ..core.dequantization import TAGS, resolve_protocol
+from ..core.ode_options import ODEOptions
 from ..core.seeding import make_generator
+from ..data.spec import describe
 from .module import batch_tensor
 
 __all__ = ["LikelihoodEvaluator", "BitsPerDim", "shard_indices", "gather_unique", "summarize"]
@@ -126,12 +127,10 @@ class LikelihoodEvaluator(L.Callback):
             ``{split}`` in the path is replaced by the split name; with several splits and no
             ``{split}``, the split name is appended to the file stem.
         batch_size: samples per ODE solve (default: the split loader's batch size).
-        rtol, atol: solver tolerances (default: the module's ``likelihood_rtol/atol``).
-        method: torchdiffeq solver (default dopri5, the reference RK45).
-        options: torchdiffeq options, e.g. ``{step_size: 0.01}`` for fixed-step 'rk4'/'euler'
-            (whose per-sample values do not depend on the batch composition at all).
-        divergence: 'auto' (exact for D <= 4), 'exact' or 'hutchinson'.
-        seed: base seed of the per-sample noise (default: the module's ``seed``).
+        ode: overrides of the model's ODE options (``model.ode``) for this evaluation, e.g.
+            ``{rtol: 1.0e-3}`` or ``{method: rk4, step_size: 0.01}`` (fixed-step solvers give
+            per-sample values that do not depend on the batch composition at all). Default: none.
+        seed: base seed of the per-sample noise (default: the module's ``fit.seed``).
         results_path: rank 0 also writes a JSON summary per split here (``{split}`` as above).
         max_samples: evaluate only the first ``max_samples`` samples of each split (quick checks;
             ``limit_test_batches`` does not apply to this callback). None: the whole split.
@@ -147,20 +146,13 @@ class LikelihoodEvaluator(L.Callback):
     when the data's exact density is known.
     """
 
-    #: HOSMModule.test_step skips its own per-batch likelihood when a callback sets this
-    computes_test_likelihood = True
-
     def __init__(
         self,
         num_repeats: int = 1,
         splits: list[str] | None = None,
         per_sample_path: str | None = None,
         batch_size: int | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-        method: str = "dopri5",
-        options: dict | None = None,
-        divergence: str = "auto",
+        ode: dict | None = None,
         seed: int | None = None,
         results_path: str | None = None,
         max_samples: int | None = None,
@@ -175,12 +167,10 @@ class LikelihoodEvaluator(L.Callback):
             raise ValueError(f"LikelihoodEvaluator.splits must be distinct names from {list(SPLITS)}, got {splits!r}")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"LikelihoodEvaluator.batch_size must be >= 1 or None, got {batch_size!r}")
-        for name, tol in (("rtol", rtol), ("atol", atol)):
-            if tol is not None and not tol > 0:
-                raise ValueError(f"LikelihoodEvaluator.{name} must be positive or None, got {tol!r}")
+        self.ode = dict(ode or {})
+        ODEOptions().replace(**self.ode)  # unknown keys or bad values fail here, not at test time
         if max_samples is not None and int(max_samples) < 1:
             raise ValueError(f"LikelihoodEvaluator.max_samples must be >= 1 or None, got {max_samples!r}")
-        resolve_divergence(divergence, 1)
         self.protocols = parse_protocols(dequantization)
         if int(num_importance) != num_importance or int(num_importance) < 1:
             raise ValueError(f"LikelihoodEvaluator.num_importance must be an integer >= 1, got {num_importance!r}")
@@ -188,8 +178,7 @@ class LikelihoodEvaluator(L.Callback):
         self.max_samples = None if max_samples is None else int(max_samples)
         self.num_repeats, self.splits, self.per_sample_path = int(num_repeats), splits, per_sample_path
         self.batch_size = None if batch_size is None else int(batch_size)
-        self.rtol, self.atol, self.method, self.divergence, self.seed = rtol, atol, method, divergence, seed
-        self.options = dict(options) if options else None
+        self.seed = seed
         self.results_path = results_path
         #: split -> summary dict of the latest test run
         self.results: dict[str, dict] = {}
@@ -213,7 +202,8 @@ class LikelihoodEvaluator(L.Callback):
         bs = self.batch_size or loader_bs or 256
         loader = DataLoader(Subset(dataset, indices), batch_size=bs, shuffle=False, collate_fn=collate_fn, num_workers=0)
         device = pl_module.device
-        seed = pl_module.seed if self.seed is None else self.seed
+        seed = pl_module.fit_options.seed if self.seed is None else self.seed
+        ode = pl_module.ode.replace(**self.ode)
         image = _is_image_dataset(dataset)
         protocols = self.protocols if image else [None]
         values = {p: torch.empty(len(indices), self.num_repeats, dtype=torch.float64) for p in protocols}
@@ -225,7 +215,7 @@ class LikelihoodEvaluator(L.Callback):
             ids = indices[pos:pos + len(x)]
             for rep in range(self.num_repeats):
                 for p in protocols:
-                    val, nfe_p = self._values(pl_module, x, ids, split, rep, seed, p)
+                    val, nfe_p = self._values(pl_module, x, ids, (seed, "likelihood", split, rep), p, ode)
                     values[p][pos:pos + len(x), rep] = val.detach().double().cpu()
                     nfe[p][0] += nfe_p
                     nfe[p][1] += 1
@@ -240,7 +230,7 @@ class LikelihoodEvaluator(L.Callback):
         stats = trainer.strategy.all_gather(stats).reshape(-1, 2 * len(protocols)).sum(0).cpu()
         r = self.num_repeats
         per = {p: unique[:, 1 + q * r:1 + (q + 1) * r] for q, p in enumerate(protocols)}
-        dm = getattr(trainer, "datamodule", None)
+        spec = describe(trainer.datamodule)
         summaries = {}
         for q, p in enumerate(protocols):
             summ = summarize(per[p])
@@ -249,14 +239,14 @@ class LikelihoodEvaluator(L.Callback):
         primary = "uniform" if "uniform" in protocols else protocols[0]
         res = dict(summaries[primary])
         res.update(split=split, metric=metric, seconds=time.perf_counter() - start, world_size=world)
-        entropy = getattr(dm, "entropy", None)
+        entropy = spec.entropy
         if metric == "nll":
             if entropy is not None:
                 res["entropy"], res["gap"] = float(entropy), res["mean"] - float(entropy)
-            res.update(_kl(dm, dataset, per[None]))
+            res.update(_kl(spec, dataset, per[None]))
         else:
             res.update(dequantization=primary, num_importance=self.num_importance, protocols={})
-            exact = _exact_bits(dm, dataset)
+            exact = _exact_bits(spec, dataset)
             for p in protocols:
                 entry = {**summaries[p], "tag": TAGS[p], "num_importance": self.num_importance}
                 if exact is not None:  # bits/dim minus the exact −log2 P(k)/D, paired per sample
@@ -271,39 +261,16 @@ class LikelihoodEvaluator(L.Callback):
             self._write(split, unique, res, protocols)
         return res
 
-    def _values(self, pl_module, x: Tensor, ids: list[int], split: str, rep: int, seed: int, protocol: str | None):
-        """Per-sample NLL (nats) or bpd of one batch in one repeat with one protocol; per-sample noise."""
-        dim = x[0].numel()
-        mode = resolve_divergence(self.divergence, dim)
-        key = (seed, "likelihood", split, rep)
+    def _values(self, pl_module, x: Tensor, ids: list[int], key: tuple, protocol: str | None, ode) -> tuple:
+        """Per-sample NLL (nats) or bpd of one batch in one repeat with one protocol, through the module's
+        likelihood path; sample i's noise comes from its own generator (*key, i) (truncated normal: + 'tn')."""
         extra = () if protocol in (None, "uniform") else ("tn",)
         gens = [make_generator(*key, int(i), *extra, device=x.device) for i in ids]
-        ode = dict(getattr(pl_module, "ode_kwargs", {}))
-        if self.rtol is not None:
-            ode["rtol"] = self.rtol
-        if self.atol is not None:
-            ode["atol"] = self.atol
-        nfe = [0]
-
-        def log_prob(y: Tensor):
-            # probes after the dequantization noise, from the same per-sample generators: [K, B, ...]
-            v = None
-            if mode == "hutchinson":
-                k_imp = y.shape[0] // len(gens)
-                v = torch.cat([rademacher((k_imp, 1, *y.shape[1:]), y, g) for g in gens], 1).reshape(y.shape)
-            logp, info = ode_log_likelihood(pl_module.score_model, pl_module.sde, y.contiguous(), method=self.method,
-                                            divergence=mode, v=v, options=self.options, **ode)
-            nfe[0] += info["nfe"]
-            return logp
-
         if protocol is None:  # low-D float data: NLL in nats
-            y = x if x.is_floating_point() else x.float()
-            return -log_prob(y), nfe[0]
-        centered = bool(getattr(pl_module, "data_centered", True))
-        eps = ode.get("eps", getattr(pl_module, "eps", None))
-        bpd, _ = bits_per_dim(log_prob, x, centered=centered, generator=gens, dequantization=protocol,
-                              num_importance=self.num_importance, sde=pl_module.sde, eps=eps)
-        return bpd, nfe[0]
+            logp, info = pl_module.log_likelihood(x if x.is_floating_point() else x.float(), gens, ode)
+            return -logp, info["nfe"]
+        bpd, info = pl_module.bits_per_dim(x, gens, protocol=protocol, num_importance=self.num_importance, ode=ode)
+        return bpd, info["nfe"]
 
     # -- output ---------------------------------------------------------------------------------
     def _log(self, pl_module, split: str, res: dict) -> None:
@@ -389,33 +356,23 @@ def _points(dataset) -> Tensor:
     return torch.stack([it[0] if isinstance(it, (list, tuple)) else it for it in items])
 
 
-def _kl(dm, dataset, nll: Tensor) -> dict:
+def _kl(spec, dataset, nll: Tensor) -> dict:
     """{'kl', 'kl_se'}: mean and s.e. over points of log q0(x) − log p(x) (nats), if q0 is known exactly."""
-    if dm is None:
+    if spec.log_prob is None:
         return {}
-    mixture = getattr(dm, "mixture", None)
     x = _points(dataset).double()
-    logq0 = None
-    if mixture is not None and hasattr(mixture, "log_prob"):
-        logq0 = mixture.log_prob(x.reshape(len(x), -1))
-    elif x[0].numel() == 2:
-        from .plots import exact_logp_2d
-
-        logq0 = exact_logp_2d(getattr(dm, "name", ""), x.reshape(-1, 2))
-    if logq0 is None:
-        return {}
+    logq0 = spec.log_prob(x.reshape(len(x), -1))
     diff = logq0.double().cpu() + nll.double().mean(1)
     n = len(diff)
     return {"kl": diff.mean().item(), "kl_se": (diff.std() / math.sqrt(n)).item() if n > 1 else float("nan")}
 
 
-def _exact_bits(dm, dataset) -> Tensor | None:
+def _exact_bits(spec, dataset) -> Tensor | None:
     """Per-sample −log2 P(k)/D of uint8 data whose distribution is known exactly (discrete data), or None."""
-    dist = getattr(dm, "distribution", None)
-    if dist is None or not hasattr(dist, "log_prob_bytes"):
+    if spec.log_prob_bytes is None:
         return None
     k = _points(dataset)
-    return -dist.log_prob_bytes(k).double() / (k[0].numel() * math.log(2))
+    return -spec.log_prob_bytes(k).double() / (k[0].numel() * math.log(2))
 
 
 #: the name used in the issue; same class
@@ -439,7 +396,7 @@ def _is_image_dataset(dataset) -> bool:
 def _split_dataset(trainer: L.Trainer, split: str):
     """(map-style dataset, collate_fn, batch_size) of a split, from the data module (or the
     trainer's own test loaders when there is no data module)."""
-    dm = getattr(trainer, "datamodule", None)
+    dm = trainer.datamodule
     if dm is not None:
         if split == "val":
             dm.setup("validate")  # the test stage only set up the test split

@@ -43,7 +43,10 @@ from lightning.fabric.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..core.likelihood import ode_sample, seeded_prior
+from ..core.data_range import model_to_bytes
+from ..core.likelihood import seeded_prior
+from ..core.ode_options import ODEOptions
+from ..data.spec import describe
 from .plots import image_grid
 
 __all__ = ["FIDCallback", "INCEPTION_WEIGHTS_FILE", "inception_weights_file", "quantize", "sample_shard"]
@@ -76,12 +79,8 @@ def inception_weights_file(weights_path: str | None) -> Path:
     )
 
 
-def quantize(x: Tensor, centered: bool) -> Tensor:
-    """Model-range images → uint8, exactly as a saved PNG: [0, 1] → round(255 x), clamped."""
-    x = torch.nan_to_num(x.detach().float(), nan=0.0)
-    if centered:
-        x = (x + 1) / 2
-    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+#: model-range images → uint8, exactly as a saved PNG (core/data_range.py)
+quantize = model_to_bytes
 
 
 def sample_shard(n: int, world_size: int, rank: int) -> range:
@@ -120,16 +119,14 @@ class FIDCallback(L.Callback):
         feature: Inception feature layer (64, 192, 768 or 2048; the standard is 2048).
         real_stats_cache: file of the real statistics (mean, cov, n, extractor key), written once
             and reused while the key matches; None recomputes them every time.
-        sample_rtol, sample_atol: ODE solver tolerances for sampling.
+        ode: overrides of the model's ODE options (``model.ode``) for sampling, e.g. ``{rtol: 1.0e-3}``,
+            ``{sample_eps: 1.0e-3}`` or ``{method: rk4, step_size: 0.01}`` (a fixed-step method's samples
+            do not depend on the batch composition at all). Default: the model's options.
         seed: base seed; sample i starts from x_T drawn with a generator seeded (seed, 'fid', i).
         png_dir: also write every sample as ``{png_dir}/{i:06d}.png`` (a shared file system
             across nodes), e.g. for ``torch_fidelity.calculate_metrics(input1=png_dir, ...)``.
         feature_module: a custom extractor mapping uint8 [N, 3, H, W] to [N, d] (tests, other
             metrics). With it, neither the Inception weights nor torch-fidelity are needed.
-        sample_method: torchdiffeq solver for sampling (dopri5: adaptive, the default).
-        sample_options: torchdiffeq options, e.g. ``{step_size: 0.01}`` for a fixed-step method
-            ('euler', 'rk4'), whose samples do not depend on the batch composition at all.
-        sample_eps: end time of the sampler (default: the SDE's ``default_sample_eps``).
         denoise: finish sampling with one Tweedie denoising step.
         grid_size: number of samples in the TensorBoard grid ``test/samples`` (0: none).
         results_path: JSON record written by rank 0 (default ``<log_dir>/fid.json``).
@@ -146,14 +143,10 @@ class FIDCallback(L.Callback):
         feature_extractor_weights_path: str | None = None,
         feature: int = 2048,
         real_stats_cache: str | None = "fid_stats/cifar10_train.pt",
-        sample_rtol: float = 1e-5,
-        sample_atol: float = 1e-5,
+        ode: dict | None = None,
         seed: int = 0,
         png_dir: str | None = None,
         feature_module: nn.Module | None = None,
-        sample_method: str = "dopri5",
-        sample_options: dict | None = None,
-        sample_eps: float | None = None,
         denoise: bool = False,
         grid_size: int = 64,
         results_path: str | None = None,
@@ -166,16 +159,14 @@ class FIDCallback(L.Callback):
             raise ValueError("FIDCallback.num_samples must be >= 2 (a covariance needs two samples)")
         if feature_module is None and feature not in (64, 192, 768, 2048):
             raise ValueError(f"FIDCallback.feature must be one of 64, 192, 768, 2048, got {feature!r}")
-        if not (sample_rtol > 0 and sample_atol > 0):
-            raise ValueError("FIDCallback.sample_rtol and sample_atol must be positive")
+        self.ode = dict(ode or {})
+        ODEOptions().replace(**self.ode)  # unknown keys or bad values fail here
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
         self.weights_path, self.feature = feature_extractor_weights_path, feature
         self.real_stats_cache, self.png_dir, self.seed = real_stats_cache, png_dir, int(seed)
-        self.sample_rtol, self.sample_atol = float(sample_rtol), float(sample_atol)
-        self.sample_method, self.sample_eps, self.denoise = sample_method, sample_eps, denoise
+        self.denoise = denoise
         self.feature_module = feature_module
         self.grid_size, self.results_path = int(grid_size), results_path
-        self.sample_options = dict(sample_options) if sample_options else None
         self.results: dict = {}
         self.real_stats_computed = 0
 
@@ -220,17 +211,20 @@ class FIDCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Sample, update the metric on every rank, compute (synced). Returns the same FID on every rank."""
         start = time.perf_counter()
-        dm = getattr(trainer, "datamodule", None)
-        image_shape = tuple(getattr(dm, "image_shape", None) or ())
-        if len(image_shape) != 3:
-            raise ValueError("FIDCallback needs image data: the data module must define image_shape (C, H, W)")
+        dm = trainer.datamodule
+        spec = describe(dm)
+        image_shape = tuple(spec.shape or ())
+        if not spec.is_image:
+            raise ValueError("FIDCallback needs image data: the data module's data_spec() must give an image "
+                             "shape (C, H, W)")
         world, rank, device = max(int(trainer.world_size), 1), int(trainer.global_rank), pl_module.device
         if self.num_samples < world:
             raise ValueError(f"FIDCallback.num_samples={self.num_samples} must be >= the number of ranks ({world})")
-        centered = bool(getattr(pl_module, "data_centered", True))
+        centered = spec.centered
+        ode = pl_module.ode.replace(**self.ode)
         metric = self.make_metric(image_shape, device)
         key = self.extractor_key()
-        real = _real_images(dm)
+        real = _real_images(spec)
         data_key = f"n={len(real)}:shape={tuple(real.shape[1:])}:sha256={_tensor_digest(real)}"
         stats = self._real_stats(trainer, metric, real, key, data_key)
         if rank == 0:  # the other ranks contribute zeros: compute()'s sum-allreduce gives the exact statistics
@@ -240,16 +234,15 @@ class FIDCallback(L.Callback):
             metric.real_features_cov_sum = (n - 1) * cov + n * torch.outer(mean, mean)
             metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
         shard = sample_shard(self.num_samples, world, rank)
-        grid, nfes = self._generate(trainer, pl_module, metric, image_shape, centered, shard)
+        grid, nfes = self._generate(trainer, pl_module, metric, image_shape, centered, shard, ode)
         fid = float(metric.compute())  # every rank: sum-allreduce of the feature statistics
         n_real = int(trainer.strategy.broadcast(int(stats["n"]), src=0))
         nfe = trainer.strategy.reduce(torch.tensor([float(sum(nfes)), float(len(nfes))], dtype=torch.float64,
                                                    device=device), reduce_op="sum")
         self.results = {
             "fid": fid, "n": self.num_samples, "n_real": n_real, "extractor": key,
-            "reference": f"{_reference_name(dm)} ({data_key})", "nfe": float(nfe[0] / nfe[1].clamp_min(1)),
-            "seconds": time.perf_counter() - start, "world_size": world, "sample_rtol": self.sample_rtol,
-            "sample_atol": self.sample_atol, "seed": self.seed, "comparable_to_papers": self.num_samples >= PAPER_N,
+            "reference": f"{spec.name or type(dm).__name__} train ({data_key})", "nfe": float(nfe[0] / nfe[1].clamp_min(1)),
+            "seconds": time.perf_counter() - start, "world_size": world, "ode": ode.as_dict(), "seed": self.seed, "comparable_to_papers": self.num_samples >= PAPER_N,
         }
         # trainer.log_dir broadcasts: every rank must ask (never inside a rank-zero-only branch)
         log_dir = trainer.log_dir if self.results_path is None else None
@@ -265,7 +258,7 @@ class FIDCallback(L.Callback):
         del metric
         return fid
 
-    def _generate(self, trainer, pl_module, metric, image_shape, centered: bool, shard: range):
+    def _generate(self, trainer, pl_module, metric, image_shape, centered: bool, shard: range, ode):
         """Sample this rank's indices, update the metric, write PNGs; (grid or None, NFE per solve)."""
         device, nfes, keep = pl_module.device, [], []
         png = Path(self.png_dir) if self.png_dir else None
@@ -275,9 +268,7 @@ class FIDCallback(L.Callback):
         for lo in range(shard.start, shard.stop, self.batch_size):
             ids = range(lo, min(lo + self.batch_size, shard.stop))
             x_T = seeded_prior(pl_module.sde, ids, image_shape, self.seed, "fid", device=device)
-            x, info = ode_sample(pl_module.score_model, pl_module.sde, x_T=x_T, eps=self.sample_eps, rtol=self.sample_rtol,
-                                 atol=self.sample_atol, method=self.sample_method, denoise=self.denoise,
-                                 options=self.sample_options)
+            x, info = pl_module.sample(x_T, ode, denoise=self.denoise)
             nfes.append(info["nfe"])
             nonfinite += int((~torch.isfinite(x.flatten(1)).all(1)).sum())
             u8 = quantize(x, centered)
@@ -359,31 +350,14 @@ def _write_pngs(u8: Tensor, ids: range, folder: Path) -> None:
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{i:06d}.png")
 
 
-def _real_images(dm) -> Tensor:
-    """The reference images (uint8 [N, C, H, W]): ``dm.fid_reference_images()`` if defined, else
-    all 50 000 CIFAR-10 training images (the standard protocol, including the images the data
-    module holds out for validation), else ``dm.train_set.images``."""
-    if dm is None:
-        raise ValueError("FIDCallback needs a data module (trainer.test(model, datamodule=...))")
-    if hasattr(dm, "fid_reference_images"):
-        images = dm.fid_reference_images()
-    else:
-        from ..data.cifar10 import CIFAR10DataModule, read_cifar10
-
-        if isinstance(dm, CIFAR10DataModule):
-            images = read_cifar10(dm.root, train=True)[0]
-        else:
-            images = getattr(getattr(dm, "train_set", None), "images", None)
+def _real_images(spec) -> Tensor:
+    """The reference images (uint8 [N, C, H, W]) of the data spec: for CIFAR-10 all 50 000 training
+    images (the standard protocol, including the images the data module holds out for validation)."""
+    images = spec.reference_images() if spec.reference_images is not None else None
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(f"FIDCallback: {type(dm).__name__} provides no uint8 [N, C, H, W] reference images "
-                         "(define fid_reference_images() on the data module)")
+        raise ValueError(f"FIDCallback: the data ({spec.name}) provides no uint8 [N, C, H, W] reference images "
+                         "(DataSpec.reference_images of the data module's data_spec())")
     return images
-
-
-def _reference_name(dm) -> str:
-    from ..data.cifar10 import CIFAR10DataModule
-
-    return "CIFAR-10 train" if isinstance(dm, CIFAR10DataModule) else f"{type(dm).__name__} reference images"
 
 
 def _tensorboards(trainer) -> list:

@@ -7,7 +7,6 @@ writes PNGs; ``image_grid`` turns image samples into a uint8 grid for TensorBoar
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,15 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..core.data_range import model_to_unit
+from ..data.synthetic import CHECKERBOARD_LOGP, exact_logp_2d  # noqa: F401  (re-exported: plots use them)
+
 __all__ = [
     "density_figure_1d", "density_figure_2d", "samples_figure", "image_grid", "save_figure",
     "exact_logp_2d", "CHECKERBOARD_LOGP", "diagnostics_figure",
 ]
 
 #: log density of the checkerboard inside its 8 squares of side 2 (total area 32)
-CHECKERBOARD_LOGP = -math.log(32.0)
 
 _MODEL, _EXACT, _DATA = "tab:blue", "black", "tab:orange"
 
@@ -169,10 +170,7 @@ def image_grid(samples: Tensor, centered: bool, nrow: int = 8) -> Tensor:
     """uint8 grid [3, H', W'] of images [N, 3, H, W] in model range ([-1, 1] if centered, else [0, 1])."""
     from torchvision.utils import make_grid
 
-    x = samples.detach().float().cpu()
-    if centered:
-        x = (x + 1) / 2
-    x = torch.nan_to_num(x, nan=0.0).clamp(0.0, 1.0)
+    x = torch.nan_to_num(model_to_unit(samples.detach().float().cpu(), centered), nan=0.0).clamp(0.0, 1.0)
     grid = make_grid(x, nrow=nrow, padding=2, pad_value=0.0)
     return (grid * 255).round().to(torch.uint8)
 
@@ -183,26 +181,6 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
-
-
-def exact_logp_2d(name: str, points: Tensor) -> Tensor | None:
-    """Exact log density (nats, [N]) of a named 2-D toy distribution at ``points`` [N, 2], or None.
-
-    'checkerboard': uniform on the 8 squares of side 2 in [-4, 4)² whose integer cell indices
-    (floor(x/2), floor(y/2)) have an even sum -- log(1/32) inside, -inf outside. This matches the
-    sampler x1 ~ U[-2, 2), x2 = U[0, 1) - 2 Bernoulli + (floor(x1) mod 2), returned as 2 (x1, x2).
-    Unknown names (e.g. 'swissroll', whose density has no closed form) give None.
-    """
-    if name != "checkerboard":
-        return None
-    p = points.reshape(-1, 2)
-    box = ((p >= -4) & (p < 4)).all(dim=1)
-    cells = torch.floor(p / 2)
-    even = torch.remainder(cells[:, 0] + cells[:, 1], 2) == 0
-    inside = box & even
-    dtype = p.dtype if p.is_floating_point() else torch.float32
-    full = torch.full(inside.shape, CHECKERBOARD_LOGP, dtype=dtype, device=p.device)
-    return torch.where(inside, full, torch.full_like(full, -math.inf))
 
 
 _CURVES = {"first_order": ("E g²‖s_θ − ∇log q_t‖²  (first-order error)", "-"),

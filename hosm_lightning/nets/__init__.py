@@ -1,7 +1,9 @@
 """Score networks (nn.Modules) and the score parameterisation wrapper.
 
-Convention: ``net(x, t)``. ToyScoreNet, SmallConvNet and DDPMpp predict the noise ε of
-x_t = a x_0 + σ z (use ``parameterization: eps``, s = -net/σ); NCSNpp divides its output by σ and
+Convention: ``net(x, t, sigma=None)`` with sigma = σ(t) = ``sde.marginal(t)[1]``, which
+:class:`ScoreModel` computes and hands over. ToyScoreNet, SmallConvNet and DDPMpp condition on t
+(they ignore sigma, so ``net(x, t)`` works) and predict the noise ε of x_t = a x_0 + σ z (use
+``parameterization: eps``, s = -net/σ); NCSNpp conditions on log σ, divides its output by σ and
 returns the score itself (use ``parameterization: score``). :class:`ScoreModel` applies it.
 Every network subclasses :class:`ScoreNet` (the type of ``model.net`` in the configs).
 """

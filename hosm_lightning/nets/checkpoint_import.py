@@ -13,8 +13,9 @@ Key mapping. :class:`~.ddpmpp.DDPMpp` and :class:`~.ncsnpp.NCSNpp` keep their la
 and parameter names; after stripping ``module.`` the keys coincide with ours (``all_modules.0.W``,
 ``all_modules.5.GroupNorm_0.weight``, ``all_modules.8.NIN_0.W`` …), and the EMA list lines up with
 ``[p for p in net.parameters() if p.requires_grad]``. Some score_sde versions also store the
-discrete noise levels as a buffer ``sigmas``; our nets compute σ(t) themselves and that key is
-ignored. Loading checks names *and* shapes one-to-one and raises a single ``ValueError`` otherwise.
+discrete noise levels as a buffer ``sigmas``; that key is ignored: the weights carry no noise
+schedule, and our nets receive σ(t) from the SDE at call time (``ScoreModel`` passes
+``sigma = sde.marginal(t)[1]``), so an imported NCSN++ follows the VE SDE it is wrapped with. Loading checks names *and* shapes one-to-one and raises a single ``ValueError`` otherwise.
 For other layouts pass ``key_map`` (file key → our key, or None to drop), or ``match='order'`` to map
 the i-th tensor of the file onto our i-th state-dict entry after checking that every shape agrees.
 """
@@ -27,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint_io import read_checkpoint
+
 __all__ = ["load_score_sde_checkpoint", "save_score_sde_checkpoint", "IGNORED_KEYS"]
 
 #: file keys (after stripping ``module.``) that have no counterpart in our nets
@@ -35,12 +38,7 @@ _SHOW = 5
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or objects outside the weights-only allowlist
-        raise ValueError(f"{path}: cannot be read as a score_sde_pytorch checkpoint with weights_only=True ({err})") from err
+    ckpt = read_checkpoint(path)  # the project's one reader (weights_only=True, one-line errors)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a score_sde_pytorch checkpoint (expected a dict with a 'model' state dict, got {keys})")

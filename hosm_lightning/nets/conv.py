@@ -40,7 +40,8 @@ class SmallConvNet(ScoreNet):
         )
         self.out = nn.Conv2d(channels, image_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """ε̂(x, t); conditions on t only, so ``sigma`` (the ScoreNet convention) is ignored."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
         h = self.inp(x) + self.embed(self.time_scale * t)[:, :, None, None]
         for block in self.blocks:

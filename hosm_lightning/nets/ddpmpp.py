@@ -3,7 +3,7 @@
 ``DDPMpp(x, t)`` predicts the noise ε of x_t = a(t) x_0 + σ(t) z, so the score is
 s_θ(x, t) = −DDPMpp(x, t) / σ(t): wrap it as ``ScoreModel(net, sde, 'eps')``. The noise label is
 999·t (score_sde's continuous VP convention) with a sinusoidal embedding of nf features. Data are
-expected in [−1, 1] (``data_centered: true``); the net does not rescale its input.
+expected in [−1, 1] (``data.init_args.centered: true``); the net does not rescale its input.
 
 Configuration (defaults = score_sde ``vp/cifar10_ddpmpp_continuous``): nf 128, ch_mult (1, 2, 2, 2),
 4 residual blocks per resolution (8 for the "deep" variant), attention at 16×16, dropout 0.1,
@@ -30,7 +30,7 @@ __all__ = ["DDPMpp"]
 
 
 class DDPMpp(UNetBody, ScoreNet):
-    """ε-prediction DDPM++ (VP / subVP). forward(x [B,C,H,W], t [B] or scalar) → ε̂ of x's shape.
+    """ε-prediction DDPM++ (VP / subVP). forward(x [B,C,H,W], t [B] or scalar, sigma=None) → ε̂ of x's shape.
 
     Args:
         image_size: height = width of the images (``dim = in_channels·image_size²``).
@@ -73,5 +73,6 @@ class DDPMpp(UNetBody, ScoreNet):
         )
         self.time_scale = float(time_scale)
 
-    def forward(self, x: Tensor, t) -> Tensor:
+    def forward(self, x: Tensor, t, sigma: Tensor | None = None) -> Tensor:
+        """ε̂(x, t) from the noise label ``time_scale·t``; ``sigma`` (the ScoreNet convention) is ignored."""
         return self.forward_label(x, self.time_scale * self._time(x, t))

@@ -1,10 +1,12 @@
 """NCSN++ (continuous time): the score U-Net of score_sde's VE CIFAR-10 models.
 
-``NCSNpp(x, t)`` returns the **score** s_θ(x, t) directly (``scale_by_sigma``: the U-Net output is
-divided by σ(t)), so wrap it as ``ScoreModel(net, sde, 'score')``. The net computes
-σ(t) = σ_min (σ_max/σ_min)^t itself (the VE SDE's marginal std; keep ``sigma_min``/``sigma_max``
-equal to the SDE's) and embeds log σ(t) with Gaussian Fourier features (scale 16), as score_sde
-does with its noise label σ(t).
+``NCSNpp(x, t, sigma)`` returns the **score** s_θ(x, t) directly (``scale_by_sigma``: the U-Net output
+is divided by σ), so wrap it as ``ScoreModel(net, sde, 'score')``. The net conditions on the noise
+level σ = σ(t) that :class:`~.score.ScoreModel` hands it (``sde.marginal(t)[1]``; for the VE SDE
+σ(t) = σ_min (σ_max/σ_min)^t) and embeds log σ with Gaussian Fourier features (scale 16), as
+score_sde does with its noise label σ(t). It has no noise schedule of its own: the SDE is the single
+source of σ_min/σ_max, and the net follows whatever SDE it is wrapped with. Called without
+``sigma`` it raises a ValueError.
 
 Data range: with ``centered=False`` (default; score_sde's VE configs) the data are in [0, 1] and the
 net maps x → 2x − 1 before the first conv. The score is still the score of the [0, 1]-valued x_t:
@@ -23,7 +25,6 @@ model could not be verified here, so none is quoted.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -36,7 +37,10 @@ __all__ = ["NCSNpp"]
 
 
 class NCSNpp(UNetBody, ScoreNet):
-    """Score network NCSN++ (VE). forward(x [B,C,H,W], t [B] or scalar) → s_θ(x, t) of x's shape.
+    """Score network NCSN++ (VE). forward(x [B,C,H,W], t [B], sigma [B]) → s_θ(x, t) of x's shape.
+
+    ``sigma`` (required; [B] or a scalar, broadcast over the batch) is the noise level σ(t) of the
+    SDE; ``t`` is accepted for the :class:`~.base.ScoreNet` convention and not used.
 
     Args:
         image_size: height = width of the images (``dim = in_channels·image_size²``).
@@ -46,8 +50,6 @@ class NCSNpp(UNetBody, ScoreNet):
         num_res_blocks: residual blocks per level (paper: 4).
         attn_resolutions: resolutions with self-attention (paper: 16).
         dropout: dropout rate in the residual blocks (paper: 0.1).
-        sigma_min: smallest σ of the VE schedule σ(t) = σ_min (σ_max/σ_min)^t (must equal the SDE's).
-        sigma_max: largest σ of the VE schedule (must equal the SDE's).
         centered: data already in [−1, 1]; False maps x → 2x − 1 inside the net.
         scale_by_sigma: divide the U-Net output by σ(t) (True: the output is the score).
         fourier_scale: std of the Fourier frequencies (16).
@@ -69,8 +71,6 @@ class NCSNpp(UNetBody, ScoreNet):
         num_res_blocks: int = 4,
         attn_resolutions: Sequence[int] = (16,),
         dropout: float = 0.1,
-        sigma_min: float = 0.01,
-        sigma_max: float = 50.0,
         centered: bool = False,
         scale_by_sigma: bool = True,
         fourier_scale: float = 16.0,
@@ -81,24 +81,22 @@ class NCSNpp(UNetBody, ScoreNet):
         init_scale: float = 0.0,
         checkpoint_blocks: bool = False,
     ):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         super().__init__(
             image_size=image_size, in_channels=in_channels, nf=nf, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
             attn_resolutions=attn_resolutions, dropout=dropout, fir=fir, fir_kernel=fir_kernel,
             skip_rescale=skip_rescale, embedding="fourier", fourier_scale=fourier_scale,
             progressive_input=progressive_input, init_scale=init_scale, checkpoint_blocks=checkpoint_blocks,
         )
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.centered, self.scale_by_sigma = centered, scale_by_sigma
 
-    def log_sigma(self, t: Tensor) -> Tensor:
-        """log σ(t) = log σ_min + t log(σ_max/σ_min), computed without forming σ."""
-        return math.log(self.sigma_min) + t * math.log(self.sigma_max / self.sigma_min)
-
-    def forward(self, x: Tensor, t) -> Tensor:
-        log_sigma = self.log_sigma(self._time(x, t))
-        h = self.forward_label(x if self.centered else 2 * x - 1, log_sigma)
+    def forward(self, x: Tensor, t, sigma: Tensor | None = None) -> Tensor:
+        if sigma is None:
+            raise ValueError(
+                "NCSNpp conditions on the noise level σ(t): call it through ScoreModel (which passes "
+                "sigma = sde.marginal(t)[1]) or pass sigma"
+            )
+        sigma = self._time(x, sigma)  # [B] in x's dtype (a scalar broadcasts)
+        h = self.forward_label(x if self.centered else 2 * x - 1, torch.log(sigma))
         if self.scale_by_sigma:
-            h = h / torch.exp(log_sigma).reshape(-1, 1, 1, 1)
+            h = h / sigma.reshape(-1, 1, 1, 1)
         return h

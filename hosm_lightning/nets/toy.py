@@ -53,7 +53,7 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class ToyScoreNet(ScoreNet):
-    """ε-prediction MLP of the paper's toy experiments; forward(x [B, dim], t [B]) -> [B, dim].
+    """ε-prediction MLP of the paper's toy experiments; forward(x [B, dim], t [B], sigma=None) -> [B, dim].
 
     Parameter count: 469,377 for dim=1 and 470,018 for dim=2 (default widths).
 
@@ -75,7 +75,8 @@ class ToyScoreNet(ScoreNet):
         self.t_encoder = mlp([embed_dim, w, w, w])
         self.decoder = mlp([2 * w, decoder_width, decoder_width, dim])
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """ε̂(x, t); conditions on t only, so ``sigma`` (the ScoreNet convention) is ignored."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
         h = torch.cat([self.x_encoder(x), self.t_encoder(self.t_embed(t))], dim=-1)
         return self.decoder(h)
