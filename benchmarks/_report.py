@@ -101,7 +101,8 @@ def grad_norm_by_sigma(ckpt, num_sigmas: int = 8, batch: int = 1000, repeats: in
                 grads = torch.autograd.grad(terms[k].mean(), params, retain_graph=True, allow_unused=True)
                 norms[k].append(float(torch.stack([gr.norm() for gr in grads if gr is not None]).norm()))
         sigma = float(model.sde.marginal(torch.tensor([t]))[1])
-        out.append({"t": t, "sigma": sigma, **{k: (float(np.mean(v)), float(np.max(v))) for k, v in norms.items()}})
+        out.append({"t": t, "sigma": sigma, "batch": batch, "repeats": repeats,
+                    **{k: (float(np.mean(v)), float(np.max(v))) for k, v in norms.items()}})
     return out
 
 
@@ -140,7 +141,8 @@ def _sweep_markdown(rows, pre_eval, recipe, scale, by_sigma=None) -> str:
                      f"{get('grad_norm_dsm3', 'p90')} | {r['seconds']:.0f} |")
     if by_sigma:
         lines += ["", "Where the third-order gradient comes from: ‖∇_θ dsm_k‖ (unweighted) of the converged order-1 "
-                  "model at fixed noise levels (mean / max over 3 batches of 1000):", "",
+                  f"model at fixed noise levels (mean / max over {by_sigma[0].get('repeats', 3)} batches of "
+                  f"{by_sigma[0].get('batch', 1000)}):", "",
                   "| σ(t) | ‖∇ dsm1‖ | ‖∇ dsm2‖ | ‖∇ dsm3‖ mean / max |", "|---|---|---|---|"]
         for r in by_sigma:
             lines.append(f"| {r['sigma']:.3g} | {r['dsm1'][0]:.3g} | {r['dsm2'][0]:.3g} | {r['dsm3'][0]:.3g} / "

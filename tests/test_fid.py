@@ -145,9 +145,10 @@ def _frechet_numpy(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _read_pngs(folder: Path) -> torch.Tensor:
-    from torchvision.io import read_image
+    from PIL import Image
 
-    return torch.stack([read_image(str(p)) for p in sorted(folder.glob("*.png"))])
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                        for p in sorted(folder.glob("*.png"))])
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -253,11 +254,11 @@ def test_matches_torch_fidelity_on_png_folders(setup_dir, first_run):
     cb, _ = first_run
     real = tmp / "real_png"
     real.mkdir(exist_ok=True)
-    from torchvision.io import write_png
+    from PIL import Image
 
     images = read_cifar10(root, train=True)[0]
     for i, img in enumerate(images):
-        write_png(img, str(real / f"{i:06d}.png"))
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(real / f"{i:06d}.png")
     import torch_fidelity
 
     name = _register_with_torch_fidelity()
