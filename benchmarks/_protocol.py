@@ -84,7 +84,7 @@ def build_model(dim: int, run: Run) -> HOSMModule:
     return HOSMModule(
         net=ToyScoreNet(dim=dim), sde=VESDE(), parameterization="eps", stages=[{"order": run.order}],
         objective=HOSMObjective(lambda2=run.lambda2, lambda3=run.lambda3, eps=1e-5, divergence=run.divergence,
-                                probe_product=run.probe_product),
+                                probe_product=run.probe_product, dsm3_sigma_cap=run.extra.get("dsm3_sigma_cap")),
         optimizer=lambda p: torch.optim.Adam(p, lr=run.lr),
         fit=FitOptions(warmup_steps=run.extra.get("warmup", 0), val_likelihood=False, check_finite_every=100,
                        init_from=run.init_from, grad_norm_every=run.grad_norm_every),

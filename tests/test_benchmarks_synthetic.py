@@ -86,3 +86,17 @@ def test_likelihood_speed_quick(tmp_path):
         if r[0].startswith("mixture") and r[1] == "1e-05":
             assert mae < 1e-3, r  # exact score: the ODE NLL matches the closed-form anchor
     assert tols == {"1e-03", "1e-05"}
+
+
+def test_dsm3_weighting_quick(tmp_path):
+    """benchmarks/dsm3_weighting.py at toy scale: every variant trained from the same checkpoint and
+    evaluated on the same points (a finite KL per row, paired differences where they apply)."""
+    stdout = _run("dsm3_weighting.py", tmp_path, 600)
+    md = (tmp_path / "dsm3_weighting.md").read_text()
+    assert md.strip() in stdout
+    rows = [r for r in _rows(md, "order")]
+    assert [r[0] for r in rows] == ["order 1 (control)", "order 2", "order 3, λ₃ 0.02 (recipe)", "order 3, λ₃ 0.02, σ_c 1",
+                                    "order 3, λ₃ 0.1, σ_c 1", "order 3, λ₃ 0.1, σ_c 0.1", "order 3, λ₃ 0.5, σ_c 0.1"]
+    for r in rows:
+        assert math.isfinite(float(r[1].split("±")[0])), r
+    assert rows[0][2] == "—" and rows[1][3] == "—" and rows[3][3] != "—"

@@ -258,3 +258,28 @@ def test_perturb_checks_shapes_and_eps():
         perturb(x0, VPSDE(), 1e-5, z=torch.randn(4, 3))
     with pytest.raises(ValueError, match="eps"):
         perturb(x0, VPSDE(), 0.0)
+
+
+def test_dsm3_sigma_cap_weights_each_sample_by_its_noise_level():
+    """loss = mean over the batch of dsm1 + λ₂ dsm2 + λ₃ min(1, (σ_c/σ)²) dsm3; without a cap it is
+    (3.5) of the batch means; σ ≤ σ_c keeps weight 1."""
+    _, score_fn = _toy_net()
+    x0 = MIX.sample(32, torch.Generator().manual_seed(0))
+    plain = HOSMObjective(lambda2=0.5, lambda3=0.1)
+    capped = HOSMObjective(lambda2=0.5, lambda3=0.1, dsm3_sigma_cap=1.0)
+    out = capped(score_fn, VESDE(), x0, 3, torch.Generator().manual_seed(1))
+    sigma = out.info["sigma"]
+    assert (sigma > 1).any() and (sigma < 1).any()
+    w = torch.where(sigma > 1, 1 / sigma**2, torch.ones_like(sigma))
+    by_hand = (out["dsm1"] + 0.5 * out["dsm2"] + 0.1 * w * out["dsm3"]).mean()
+    torch.testing.assert_close(capped.loss(out), by_hand)
+    torch.testing.assert_close(capped.dsm3_weight(sigma), w)
+    assert capped.loss(out) < plain.loss(out)  # large-σ dsm3 weighs less
+    means = {k: v.mean() for k, v in out.items()}
+    assert torch.equal(plain.loss(out), plain.weighted(means))  # the default path is (3.5) of the means
+    # order 2: nothing to weight
+    two = capped(score_fn, VESDE(), x0, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(capped.loss(two), plain.loss(two))
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="model.objective.dsm3_sigma_cap"):
+            HOSMObjective(dsm3_sigma_cap=bad)

@@ -121,7 +121,7 @@ class HOSMModule(L.LightningModule):
         with ``term_grad_norms`` also ``grad_norm_dsm<k>`` = ‖∇_θ dsm_k‖ of each unweighted term."""
         terms = self.objective(self.score_model, self.sde, x0, order, generator, check_finite=check_finite)
         means = {k: v.mean() for k, v in terms.items()}
-        means["loss"] = self.objective.weighted({k: means[k] for k in terms})
+        means["loss"] = self.objective.loss(terms)
         if term_grad_norms:
             params = [p for p in self.parameters() if p.requires_grad]
             for k in terms:
