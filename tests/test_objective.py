@@ -135,7 +135,7 @@ def test_fields_are_coerced_validated_once_and_plain_data():
         obj.lambda2 = 3.0
     d = obj.as_dict()
     assert d == {"lambda2": 1.0, "lambda3": 0.0, "eps": 1e-3, "divergence": "auto", "dsm2_form": "both",
-                 "probe_product": "jvp", "importance_sampling": False}
+                 "probe_product": "jvp", "importance_sampling": False, "dsm3_sigma_cap": None}
     assert HOSMObjective(**d) == obj
     buf = io.BytesIO()
     torch.save({"objective": d}, buf)
