@@ -133,3 +133,21 @@ def test_bad_arguments():
         DiscreteDataModule(batch_size=0)
     with pytest.raises(ValueError, match="dimensions"):
         DiscreteDataModule(shape="2d").distribution.log_prob(torch.zeros(2, 3), 0.1, VPSDE())
+
+
+def test_eval_loaders_shard_each_point_once_under_ddp():
+    """Val/test of 8-bit data under 2 ranks: disjoint shards that cover every point once (no sampler
+    padding that would count points twice in validation means), uint8 rows as they are."""
+    from types import SimpleNamespace
+
+    dm = DiscreteDataModule(shape="1d", val_size=7, test_size=5, eval_batch_size=3)
+    dm.setup()
+    for loader_name, data in (("val_dataloader", dm._val), ("test_dataloader", dm._test)):
+        seen = []
+        for rank in (0, 1):
+            dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+            batches = list(getattr(dm, loader_name)())
+            assert all(b.dtype == torch.uint8 for b in batches)
+            seen.append(torch.cat(batches))
+        assert len(seen[0]) + len(seen[1]) == len(data)  # nothing repeated
+        assert torch.equal(torch.cat([seen[0], seen[1]]).sort(0).values, data.sort(0).values)

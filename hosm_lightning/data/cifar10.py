@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.data_range import bytes_to_model
-from .sharding import eval_sampler
+from .sharding import RawRows, eval_sampler
 from .spec import DataSpec
 
 __all__ = ["CIFAR10DataModule", "read_cifar10", "write_fake_cifar10"]
@@ -136,19 +136,6 @@ class _TrainImages(Dataset):
         return x
 
 
-class _RawImages(Dataset):
-    """uint8 images as they are (for bits/dim: the model dequantizes them)."""
-
-    def __init__(self, images: Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.images[i]
-
-
 class CIFAR10DataModule(L.LightningDataModule):
     """CIFAR-10 for training (float, flipped) and evaluation (uint8).
 
@@ -205,10 +192,10 @@ class CIFAR10DataModule(L.LightningDataModule):
                 raise ValueError(f"val_size={self.val_size} must be smaller than the {len(images)} training images")
             cut = len(images) - self.val_size
             self.train_set = _TrainImages(images[:cut], self.centered, self.random_flip)
-            self.val_set = _RawImages(images[cut:])
+            self.val_set = RawRows(images[cut:])
         if stage in (None, "test") and self.test_set is None:
             images, _ = read_cifar10(self.root, train=False)
-            self.test_set = _RawImages(images[: self.test_subset] if self.test_subset else images)
+            self.test_set = RawRows(images[: self.test_subset] if self.test_subset else images)
 
     def _loader(self, ds: Dataset | None, batch_size: int, train: bool) -> DataLoader:
         if ds is None:

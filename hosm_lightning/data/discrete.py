@@ -26,10 +26,11 @@ import math
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..core.data_range import bytes_to_model
 from ..core.sde import SDE
+from .sharding import RawRows, eval_loader
 from .spec import DataSpec
 from .synthetic import _FreshBatches, _ResumableLoader, train_key
 
@@ -197,17 +198,6 @@ class DiscreteProduct:
         return fn
 
 
-class _Bytes(Dataset):
-    def __init__(self, data: Tensor):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.data[i]
-
-
 class DiscreteDataModule(L.LightningDataModule):
     """8-bit data with exact entropy; train floats on the grid, val/test uint8.
 
@@ -289,8 +279,8 @@ class DiscreteDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(_Bytes(self._val), batch_size=self.eval_batch_size, shuffle=False)
+        return eval_loader(RawRows(self._val), self.eval_batch_size, self.trainer)  # each point once under DDP
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(_Bytes(self._test), batch_size=self.eval_batch_size, shuffle=False)
+        return eval_loader(RawRows(self._test), self.eval_batch_size, self.trainer)

@@ -9,9 +9,23 @@ metrics that sum (value × batch size) and counts across ranks, so uneven shards
 from __future__ import annotations
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["eval_sampler"]
+__all__ = ["eval_sampler", "RawRows", "eval_loader"]
+
+
+class RawRows(Dataset):
+    """The rows of a tensor as they are (uint8 bytes stay uint8: the model dequantizes them)."""
+
+    def __init__(self, data: Tensor):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.data[i]
 
 
 def eval_sampler(dataset: Dataset, trainer) -> UnrepeatedDistributedSampler | None:
@@ -20,3 +34,8 @@ def eval_sampler(dataset: Dataset, trainer) -> UnrepeatedDistributedSampler | No
     if world <= 1:
         return None
     return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=int(trainer.global_rank), shuffle=False)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, trainer, **kwargs) -> DataLoader:
+    """An evaluation loader over ``dataset`` in order, each point once across DDP ranks."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=eval_sampler(dataset, trainer), **kwargs)
