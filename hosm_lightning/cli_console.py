@@ -42,21 +42,26 @@ def _close_matches(word: str, candidates) -> list[str]:
     return difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
 
 
-def _class_params(class_path: str) -> list[str]:
+def _resolve_class(class_path: str):
+    """The class named by a dotted path, or None if it cannot be imported."""
     try:
         module, _, name = class_path.rpartition(".")
-        return list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+        return getattr(importlib.import_module(module), name)
     except Exception:
+        return None
+
+
+def _class_params(class_path: str) -> list[str]:
+    cls = _resolve_class(class_path)
+    try:
+        return list(inspect.signature(cls).parameters) if cls is not None else []
+    except (TypeError, ValueError):
         return []
 
 
 def _is_settings(class_path: str) -> bool:
     """A settings dataclass (HOSMObjective, ODEOptions, FitOptions): nested keys without ``init_args``."""
-    try:
-        module, _, name = class_path.rpartition(".")
-        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
-    except Exception:
-        return False
+    return dataclasses.is_dataclass(_resolve_class(class_path))
 
 
 def one_line_parse_error(message: str, parser) -> str:
