@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Entry point: `python cli.py {fit,validate,test,sample,likelihood} --config configs/<name>.yaml`.
+"""Entry point: `python cli.py {fit,validate,test,sample,likelihood,diagnose} --config configs/<name>.yaml`.
 
 See README.md ("Command line") and `python cli.py <subcommand> --help`.
 """

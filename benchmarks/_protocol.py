@@ -6,7 +6,7 @@
    and the same (t, z, v) draws, so methods differ only in their objective);
 2. ``model_logp``: exact ODE log-likelihood (dopri5, exact divergence) of a checkpoint's EMA
    weights on fixed points;
-3. ``paired``: mean and standard error of per-point differences (paired KL estimates).
+3. paired comparisons: ``core.mean_se`` of per-point differences (paired KL estimates).
 Objects are built in Python rather than from ``configs/`` so that a benchmark run does not change
 when a config's demo settings do; the settings are the configs' (mog1d.yaml / checkerboard.yaml).
 """
@@ -14,33 +14,30 @@ when a config's demo settings do; the settings are the configs' (mog1d.yaml / ch
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import math
 import shutil
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-
-from hosm_lightning.core import VESDE, HOSMObjective  # noqa: E402
-from hosm_lightning.data import SyntheticDataModule  # noqa: E402
-from hosm_lightning.lit.checkpoints import load_weights  # noqa: E402
-from hosm_lightning.data.synthetic import exact_logp_2d  # noqa: E402
-from hosm_lightning.lit.module import HOSMModule  # noqa: E402
-from hosm_lightning.lit.options import FitOptions  # noqa: E402
-from hosm_lightning.nets import ToyScoreNet  # noqa: E402
+from hosm_lightning.checkpoints import load_weights
+from hosm_lightning.core import VESDE, HOSMObjective
+from hosm_lightning.data import SyntheticDataModule
+from hosm_lightning.data.sharding import batch_tensor
+from hosm_lightning.data.synthetic import exact_logp_2d
+from hosm_lightning.lit.module import HOSMModule
+from hosm_lightning.nets import ToyScoreNet
+from hosm_lightning.options import FitOptions
 
 #: a 2-D Gaussian mixture with an exact density: 6 components on a ring plus one at the centre
 GMM2D = {"means": [[2.0 * math.cos(k * math.pi / 3), 2.0 * math.sin(k * math.pi / 3)] for k in range(6)] + [[0.0, 0.0]],
@@ -67,6 +64,7 @@ class Run:
 
 
 def quiet() -> None:
+    """Silence Lightning's info logs and the warnings a toy run triggers by design."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (".*IterableDataset.*", ".*log_every_n_steps.*", ".*LeafSpec.*", ".*does not have many workers.*",
@@ -75,12 +73,14 @@ def quiet() -> None:
 
 
 def datamodule(dataset: str, batch: int, steps: int, test_size: int, seed: int = 0) -> SyntheticDataModule:
+    """The toy data module of ``dataset`` ('gmm2d': the 2-D mixture :data:`GMM2D`)."""
     kw = GMM2D if dataset == "gmm2d" else {}
     return SyntheticDataModule(name="gmm" if dataset == "gmm2d" else dataset, batch_size=batch,
                                steps_per_epoch=steps, val_size=16, test_size=test_size, seed=seed, **kw)
 
 
 def build_model(dim: int, run: Run) -> HOSMModule:
+    """The toy MLP under the VE SDE with ``run``'s objective, optimizer and fit options."""
     return HOSMModule(
         net=ToyScoreNet(dim=dim), sde=VESDE(), parameterization="eps", stages=[{"order": run.order}],
         objective=HOSMObjective(lambda2=run.lambda2, lambda3=run.lambda3, eps=1e-5, divergence=run.divergence,
@@ -96,6 +96,7 @@ def train(dataset: str, root: Path, run: Run, batch: int, test_size: int = 16) -
     if root.exists():
         shutil.rmtree(root)
     dm = datamodule(dataset, batch, run.steps, test_size)
+    torch.manual_seed(0)  # the network's initial weights (a fine-tune then loads init_from over them)
     model = build_model(dm.dim, run)
     every = math.gcd(run.save_every, run.steps) if run.save_every else run.steps  # the last step is saved
     trainer = L.Trainer(
@@ -115,10 +116,15 @@ def train(dataset: str, root: Path, run: Run, batch: int, test_size: int = 16) -
     return {"ckpts": ckpts, "seconds": seconds, "log": root / "log" / "version_0" / "metrics.csv"}
 
 
-def test_points(dataset: str, n: int) -> torch.Tensor:
-    dm = datamodule(dataset, 16, 1, n)
+def split_points(dm: L.LightningDataModule) -> torch.Tensor:
+    """Every point of a data module's test split, in order, as one tensor."""
     dm.setup("test")
-    return dm._test.clone()
+    return torch.cat([batch_tensor(b) for b in dm.test_dataloader()])
+
+
+def test_points(dataset: str, n: int) -> torch.Tensor:
+    """The n fixed test points of a toy dataset."""
+    return split_points(datamodule(dataset, 16, 1, n))
 
 
 def exact_logq(dataset: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -134,20 +140,14 @@ def model_logp(dataset: str, ckpt: Path, x: torch.Tensor, rtol: float = 1e-5, ch
     """EMA weights of ``ckpt`` → exact ODE log p_eps(x) (float64 [N]), mean NFE, seconds."""
     model = build_model(x.shape[1], Run())
     load_weights(model, ckpt)
-    model.ode = model.ode.replace(rtol=rtol, atol=rtol)
+    ode = model.ode.replace(rtol=rtol, atol=rtol)
     model.eval()
     start, parts, nfes = time.perf_counter(), [], []
     for i, piece in enumerate(x.split(chunk)):
-        logp, info = model.log_likelihood(piece.contiguous(), model.generator("bench-ll", i))
-        parts.append(logp.detach().double())
-        nfes.append(info["nfe"])
+        lik = model.log_likelihood(piece.contiguous(), model.generator("bench-ll", i), ode)
+        parts.append(lik.logp.detach().double())
+        nfes.append(lik.nfe)
     return torch.cat(parts), float(np.mean(nfes)), time.perf_counter() - start
-
-
-def paired(values: torch.Tensor, base: torch.Tensor | None = None) -> tuple[float, float]:
-    """Mean and standard error of ``values`` (minus ``base`` point by point when given)."""
-    d = values if base is None else values - base
-    return float(d.mean()), float(d.std() / math.sqrt(len(d)))
 
 
 def grad_norm_summary(log: Path) -> dict:
@@ -166,10 +166,6 @@ def grad_norm_summary(log: Path) -> dict:
 def run_dir(runs: Path, dataset: str, run: Run, batch: int) -> tuple[Path, str]:
     """The folder of a run: runs/<dataset>/run-<hash of its exact spec> (identical specs share one
     folder, so the sweep's fine-tunes are reused by the main run), and the spec text."""
-    import hashlib
-    import json
-    from dataclasses import asdict
-
     spec = json.dumps({"dataset": dataset, "batch": batch, "run": asdict(run)}, sort_keys=True)
     return Path(runs) / dataset / f"run-{hashlib.sha1(spec.encode()).hexdigest()[:10]}", spec
 
@@ -187,3 +183,12 @@ def train_cached(dataset: str, runs: Path, run: Run, batch: int) -> dict:
     (root / "spec.json").write_text(spec)
     (root / "seconds.txt").write_text(f"{out['seconds']:.1f}")
     return {**out, "cached": False}
+
+
+def train_job(dataset: str, runs: str, run: dict, batch: int) -> dict:
+    """:func:`train_cached` in a worker process (one torch thread), with plain picklable results."""
+    torch.set_num_threads(1)
+    quiet()
+    out = train_cached(dataset, Path(runs), Run(**run), batch)
+    return {"ckpts": {k: str(v) for k, v in out["ckpts"].items()}, "seconds": out["seconds"], "log": str(out["log"]),
+            "cached": out["cached"]}

@@ -1,4 +1,4 @@
-"""Evaluation and Markdown reports of ``benchmarks/synthetic.py`` (sweep and main run)."""
+"""Evaluation and the Markdown report of the main run of ``python -m benchmarks.synthetic``."""
 
 from __future__ import annotations
 
@@ -9,147 +9,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _figures import figure_1d, figure_2d
-from _protocol import (
-    build_model, datamodule, exact_logq, grad_norm_summary, model_logp, paired, quiet, test_points,
-)
+from hosm_lightning.checkpoints import load_weights
+from hosm_lightning.core import mean_se
 from hosm_lightning.core.diagnostics import kl_decomposition, score_report, sigma_grid
-from hosm_lightning.core.likelihood import ode_log_likelihood, ode_sample, seeded_prior
-from hosm_lightning.lit.checkpoints import load_weights
-from hosm_lightning.lit.diagnose import BANDS, band_integrals
-from hosm_lightning.lit.plots import diagnostics_figure, save_figure
+from hosm_lightning.core.ode import seeded_prior
+from hosm_lightning.diagnose import BANDS, band_integrals
+from hosm_lightning.plots import diagnostics_figure, save_figure
+
+from ._figures import figure_1d, figure_2d
+from ._protocol import Run, build_model, datamodule, exact_logq, grad_norm_summary, model_logp, quiet, test_points
 
 LABELS = {"o1": "order 1 (control)", "o2": "order 1 → 2", "o3": "order 1 → 3 (exact)",
           "o3h": "order 1 → 3 (Hutchinson)"}
 
 
-def _fmt(m: float, se: float, sign: bool = False) -> str:
+def fmt_se(m: float, se: float, sign: bool = False) -> str:
+    """'0.1234 ± 0.0012' (with ``sign``: '+0.1234 ± 0.0012')."""
     return (f"{m:+.4f}" if sign else f"{m:.4f}") + f" ± {se:.4f}"
 
 
 def _eval_ckpt(dataset, ckpt, x, logq, rtol):
     logp, nfe, secs = model_logp(dataset, Path(ckpt), x, rtol=rtol)
     return {"logp": logp, "nfe": nfe, "seconds": secs,
-            "kl": paired(logq - logp) if logq is not None else None, "nll": paired(-logp)}
-
-
-# -- sweep ----------------------------------------------------------------------------------------
-def _logp_job(dataset: str, ckpt: str, n: int, rtol: float) -> torch.Tensor:
-    """Worker: exact ODE log p of a checkpoint's EMA weights on the first n fixed test points."""
-    torch.set_num_threads(1)
-    quiet()
-    return model_logp(dataset, Path(ckpt), test_points(dataset, n), rtol=rtol)[0]
-
-
-def sweep_report(trained: dict, pre: dict, scale, base, out: Path, workers: int = 1) -> dict:
-    """Evaluate every sweep checkpoint (paired KL on the test points) and pick the recipe."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    quiet()
-    n = scale.sweep_test_size
-    x = test_points("mog1d", n)
-    logq = exact_logq("mog1d", x)
-    todo = {("pre", None): pre["ckpts"][max(pre["ckpts"])]}
-    todo.update({(key, step): res["ckpts"][step] for key, res in trained.items() for step in scale.sweep_eval})
-    with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool:
-        futs = {k: pool.submit(_logp_job, "mog1d", str(c), n, scale.rtol) for k, c in todo.items()}
-        logp = {k: f.result() for k, f in futs.items()}
-    pre_eval = {"kl": paired(logq - logp[("pre", None)]), "nll": paired(-logp[("pre", None)])}
-    rows = []
-    for (order, lr, lam, clip), res in trained.items():
-        norms = grad_norm_summary(Path(res["log"]))
-        for step in scale.sweep_eval:
-            lp = logp[((order, lr, lam, clip), step)]
-            ctrl = logp[(("o1", lr, None, "warmup" if clip == "warmup" else True), step)]  # same optimizer settings
-            d = paired(ctrl - lp) if order != "o1" else None  # Δ KL = log p_ctrl − log p
-            rows.append({"order": order, "lr": lr, "lambda3": lam, "clip": clip, "steps": step,
-                         "kl": paired(logq - lp), "delta": d, "norms": norms if step == scale.sweep_eval[-1] else None,
-                         "seconds": res["seconds"]})
-    o3 = [r for r in rows if r["order"] == "o3" and r["clip"]]  # clipped runs (with or without warmup)
-    best = min(o3, key=lambda r: r["kl"][0])
-    recipe = {"lr": best["lr"], "lambda3": best["lambda3"], "steps": best["steps"], "ema_decay": base.ema_decay,
-              "warmup": scale.sweep_warmup if best["clip"] == "warmup" else 0}
-    (out / "sweep.json").write_text(json.dumps({"recipe": recipe, "rows": [
-        {k: v for k, v in r.items() if k != "norms"} for r in rows]}, indent=1))
-    by_sigma = grad_norm_by_sigma(pre["ckpts"][max(pre["ckpts"])], repeats=3 if scale.sweep_steps > 100 else 1,
-                                  batch=1000 if scale.sweep_steps > 100 else 64)
-    md = _sweep_markdown(rows, pre_eval, recipe, scale, by_sigma)
-    return {"markdown": md, "recipe": recipe, "rows": rows, "by_sigma": by_sigma}
-
-
-def grad_norm_by_sigma(ckpt, num_sigmas: int = 8, batch: int = 1000, repeats: int = 3) -> list[dict]:
-    """‖∇_θ dsm_k‖ (unweighted, k = 1, 2, 3) of a checkpoint's EMA network at fixed noise levels:
-    which t the third-order gradient comes from. Mean and max over ``repeats`` batches per σ."""
-    from hosm_lightning.core import dsm_losses
-    from _protocol import Run
-
-    model = build_model(1, Run())
-    load_weights(model, Path(ckpt))
-    dm = datamodule("mog1d", batch, 1, 16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    times = sigma_grid(model.sde, model.eps, num_sigmas)
-    out = []
-    for i, t in enumerate(times.tolist()):
-        norms = {k: [] for k in ("dsm1", "dsm2", "dsm3")}
-        for r in range(repeats):
-            g = torch.Generator().manual_seed(1000 * i + r)
-            x0 = dm.sample(batch, g)
-            terms = dsm_losses(model.score_model, x0, model.sde, order=3, t=torch.full((batch,), t), generator=g,
-                               divergence="hutchinson", probe_product="vjp")
-            for k in norms:
-                grads = torch.autograd.grad(terms[k].mean(), params, retain_graph=True, allow_unused=True)
-                norms[k].append(float(torch.stack([gr.norm() for gr in grads if gr is not None]).norm()))
-        sigma = float(model.sde.marginal(torch.tensor([t]))[1])
-        out.append({"t": t, "sigma": sigma, "batch": batch, "repeats": repeats,
-                    **{k: (float(np.mean(v)), float(np.max(v))) for k, v in norms.items()}})
-    return out
-
-
-def _variant(clip, scale) -> str:
-    return {True: "1.0", False: "none", "warmup": f"1.0 + warmup {scale.sweep_warmup}"}[clip]
-
-
-def _sweep_markdown(rows, pre_eval, recipe, scale, by_sigma=None) -> str:
-    lines = ["# Fine-tuning recipe sweep on the 1-D mixture (benchmarks/synthetic.py --sweep)", "", "{HEADER}", "",
-             f"Converged first-order model: {scale.pre_steps['mog1d']} steps (batch {scale.batch}); its paired test "
-             f"KL = {_fmt(*pre_eval['kl'])} nats (NLL {_fmt(*pre_eval['nll'])}). Every fine-tune starts from its EMA "
-             "weights with a fresh Adam, EMA 0.995 from step 0, λ₂ = 0.5, global-norm clip 1 (unless 'none'), no "
-             f"learning-rate warmup (unless '+ warmup {scale.sweep_warmup}': linear over that many steps), the same data "
-             f"stream and (t, z, v) draws. KL: mean over the same {scale.sweep_test_size} test points of log q₀ − log p "
-             "(nats); Δ: paired difference to order 1 at the same learning rate and length (negative = better).", "",
-             "| order | lr | λ₃ | clip | steps | KL (nats) ± s.e. | Δ vs order 1 ± s.e. |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lam = "—" if r["lambda3"] is None else f"{r['lambda3']:g}"
-        d = "(control)" if r["delta"] is None else _fmt(*r["delta"], sign=True)
-        lines.append(f"| {r['order'][1]} | {r['lr']:g} | {lam} | {_variant(r['clip'], scale)} | {r['steps']} | "
-                     f"{_fmt(*r['kl'])} | {d} |")
-    lines += ["", "Per-term gradient norms over the whole fine-tune (logged every 25 steps, before clipping; "
-              "`clipped` = share of logged steps whose total norm exceeded the clip norm 1.0):", "",
-              "| order | lr | λ₃ | clip | ‖∇ total‖ mean / p90 | clipped | ‖∇ dsm1‖ mean | ‖∇ dsm2‖ mean | ‖∇ dsm3‖ mean / p90 | "
-              "train s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        n = r["norms"]
-        if not n:
-            continue
-        get = lambda k, f="mean": f"{n[k][f]:.3g}" if k in n else "—"  # noqa: E731
-        lam = "—" if r["lambda3"] is None else f"{r['lambda3']:g}"
-        lines.append(f"| {r['order'][1]} | {r['lr']:g} | {lam} | {_variant(r['clip'], scale)} | "
-                     f"{get('grad_norm')} / {get('grad_norm', 'p90')} | "
-                     f"{n['grad_norm']['clipped'] if 'grad_norm' in n else float('nan'):.0%} | "
-                     f"{get('grad_norm_dsm1')} | {get('grad_norm_dsm2')} | {get('grad_norm_dsm3')} / "
-                     f"{get('grad_norm_dsm3', 'p90')} | {r['seconds']:.0f} |")
-    if by_sigma:
-        lines += ["", "Where the third-order gradient comes from: ‖∇_θ dsm_k‖ (unweighted) of the converged order-1 "
-                  f"model at fixed noise levels (mean / max over {by_sigma[0].get('repeats', 3)} batches of "
-                  f"{by_sigma[0].get('batch', 1000)}):", "",
-                  "| σ(t) | ‖∇ dsm1‖ | ‖∇ dsm2‖ | ‖∇ dsm3‖ mean / max |", "|---|---|---|---|"]
-        for r in by_sigma:
-            lines.append(f"| {r['sigma']:.3g} | {r['dsm1'][0]:.3g} | {r['dsm2'][0]:.3g} | {r['dsm3'][0]:.3g} / "
-                         f"{r['dsm3'][1]:.3g} |")
-    lines += ["", f"**Chosen recipe** (lowest order-3 KL with clipping): lr {recipe['lr']:g}, λ₃ {recipe['lambda3']:g}, "
-              f"{recipe['steps']} fine-tuning steps, learning-rate warmup {recipe['warmup']} steps, EMA {recipe['ema_decay']}."]
-    return "\n".join(lines) + "\n"
+            "kl": mean_se(logq - logp) if logq is not None else None, "nll": mean_se(-logp)}
 
 
 # -- main run: one dataset ------------------------------------------------------------------------
@@ -167,14 +49,14 @@ def evaluate_dataset(dataset: str, pre: dict, trained: dict, scale: dict, out: s
     plateau = []
     for a, b in zip(steps[:-1], steps[1:]):
         plateau.append({"from": a, "to": b, "nll": pre_evals[b]["nll"],
-                        "delta": paired(pre_evals[a]["logp"] - pre_evals[b]["logp"])})
+                        "delta": mean_se(pre_evals[a]["logp"] - pre_evals[b]["logp"])})
     trained = {m: trained[m] for m in LABELS if m in trained}  # control first, in table order
     evals = {m: _eval_ckpt(dataset, res["ckpts"][max(res["ckpts"])], x, logq, rtol) for m, res in trained.items()}
     ctrl = evals["o1"]["logp"]
     rows = []
     for m, ev in evals.items():
         rows.append({"method": m, "nll": ev["nll"], "kl": ev["kl"], "nfe": ev["nfe"],
-                     "delta": None if m == "o1" else paired(ctrl - ev["logp"]), "train_s": trained[m]["seconds"],
+                     "delta": None if m == "o1" else mean_se(ctrl - ev["logp"]), "train_s": trained[m]["seconds"],
                      "norms": grad_norm_summary(Path(trained[m]["log"]))})
     res = {"dataset": dataset, "rows": rows, "plateau": plateau, "entropy": datamodule(dataset, 16, 1, 16).entropy,
            "pre_steps": steps[-1], "pre_s": pre["seconds"]}
@@ -186,9 +68,8 @@ def evaluate_dataset(dataset: str, pre: dict, trained: dict, scale: dict, out: s
     return res
 
 
-def _model(dataset, ckpt, dim):
-    from _protocol import Run
-
+def _model(ckpt, dim: int):
+    """The toy model with a checkpoint's EMA weights, in eval mode."""
     model = build_model(dim, Run())
     load_weights(model, Path(ckpt))
     return model.eval()
@@ -200,13 +81,13 @@ def _reverse_kl(dataset: str, ckpts: dict, scale: dict) -> dict:
     dm = datamodule(dataset, 16, 1, 16)
     vals = {}
     for m, ckpt in ckpts.items():
-        model = _model(dataset, ckpt, dm.dim)
+        model = _model(ckpt, dm.dim)
+        ode = model.ode.replace(rtol=scale["rtol"], atol=scale["rtol"], divergence="exact")
         x_T = seeded_prior(model.sde, range(scale["sample_n"]), (dm.dim,), 0, "reverse-kl")
-        x, _ = ode_sample(model.score_model, model.sde, x_T=x_T, eps=model.eps, rtol=scale["rtol"], atol=scale["rtol"])
-        logp, _ = ode_log_likelihood(model.score_model, model.sde, x, eps=model.eps, rtol=scale["rtol"],
-                                     atol=scale["rtol"], divergence="exact")
+        x = model.sample(x_T, ode).x
+        logp = model.log_likelihood(x, None, ode).logp
         vals[m] = logp.double() - dm.mixture.log_prob(x.double())
-    return {m: {"rev_kl": paired(v), "delta": None if m == "o1" else paired(v, vals["o1"])} for m, v in vals.items()}
+    return {m: {"rev_kl": mean_se(v), "delta": None if m == "o1" else mean_se(v - vals["o1"])} for m, v in vals.items()}
 
 
 def _diagnostics(dataset: str, ckpts: dict, scale: dict, out: Path) -> dict:
@@ -216,15 +97,14 @@ def _diagnostics(dataset: str, ckpts: dict, scale: dict, out: Path) -> dict:
     for m, ckpt in ckpts.items():
         if m not in ("o1", "o2", "o3") or (m == "o2" and dm.dim > 1):
             continue  # cost: the per-time report of the main comparison (order 1 vs 1 → 3; 1 → 2 in 1-D)
-        model = _model(dataset, ckpt, dm.dim)
-        times = sigma_grid(model.sde, model.eps, scale["diag_times"])
+        model = _model(ckpt, dm.dim)
+        ode = model.ode.replace(rtol=scale["rtol"], atol=scale["rtol"])
+        times = sigma_grid(model.sde, model.sde.resolve_eps(ode.eps), scale["diag_times"])
         reports[LABELS[m]] = score_report(model.score_model, model.sde, dm.mixture, times=times, n=scale["diag_n"],
-                                          generator=torch.Generator().manual_seed(5), rtol=scale["rtol"],
-                                          atol=scale["rtol"])
+                                          generator=torch.Generator().manual_seed(5), ode=ode)
         if m in ("o1", "o3"):
-            ident[m] = kl_decomposition(model.score_model, model.sde, dm.mixture, n=scale["kl_n"], eps=model.eps,
-                                        generator=torch.Generator().manual_seed(6), rtol=scale["rtol"],
-                                        atol=scale["rtol"])
+            ident[m] = kl_decomposition(model.score_model, model.sde, dm.mixture, n=scale["kl_n"],
+                                        generator=torch.Generator().manual_seed(6), ode=ode)
     fig = diagnostics_figure(reports, f"{dataset}: score diagnostics per noise level (mean ± 2 s.e., "
                                       f"{scale['diag_n']} exact draws of x_t per σ)")
     path = save_figure(fig, out / f"diagnostics_{dataset}.png")
@@ -284,7 +164,7 @@ def main_report(results: dict, scale, recipe, source: str, quick: bool, train_s:
     for d, r in results.items():
         for p in r["plateau"]:
             flat = abs(p["delta"][0]) < 0.01 or abs(p["delta"][0]) < 2 * p["delta"][1]
-            lines.append(f"| {d} | {p['from']} → {p['to']} | {_fmt(*p['nll'])} | {_fmt(*p['delta'], sign=True)} | "
+            lines.append(f"| {d} | {p['from']} → {p['to']} | {fmt_se(*p['nll'])} | {fmt_se(*p['delta'], sign=True)} | "
                          f"{'yes' if flat else 'no'} |")
     lines += ["", "## Fine-tuning: paired comparison against the order-1 control", "",
               "| dataset | method | test NLL ± s.e. | KL (nats) ± s.e. | Δ vs control ± s.e. | reverse KL on samples ± s.e. "
@@ -292,12 +172,12 @@ def main_report(results: dict, scale, recipe, source: str, quick: bool, train_s:
     for d, r in results.items():
         for row in r["rows"]:
             m = row["method"]
-            kl = _fmt(*row["kl"]) if row["kl"] else "n/a"
-            delta = "(control)" if row["delta"] is None else _fmt(*row["delta"], sign=True)
+            kl = fmt_se(*row["kl"]) if row["kl"] else "n/a"
+            delta = "(control)" if row["delta"] is None else fmt_se(*row["delta"], sign=True)
             rk = r.get("reverse_kl", {}).get(m)
-            rks = _fmt(*rk["rev_kl"]) if rk else "n/a"
-            rkd = ("(control)" if rk["delta"] is None else _fmt(*rk["delta"], sign=True)) if rk else "n/a"
-            lines.append(f"| {d} | {LABELS[m]} | {_fmt(*row['nll'])} | {kl} | {delta} | {rks} | {rkd} | "
+            rks = fmt_se(*rk["rev_kl"]) if rk else "n/a"
+            rkd = ("(control)" if rk["delta"] is None else fmt_se(*rk["delta"], sign=True)) if rk else "n/a"
+            lines.append(f"| {d} | {LABELS[m]} | {fmt_se(*row['nll'])} | {kl} | {delta} | {rks} | {rkd} | "
                          f"{row['nfe']:.0f} | {row['train_s']:.0f} |")
     ent = {d: r["entropy"] for d, r in results.items() if r["entropy"] is not None}
     if ent:
@@ -323,8 +203,8 @@ def main_report(results: dict, scale, recipe, source: str, quick: bool, train_s:
                   "|---|---|---|---|---|"]
         for m, idt in r["identity"].items():
             ok = abs(idt["diff"]) <= 3 * idt["diff_se"]
-            lines.append(f"| {LABELS[m]} | {_fmt(idt['kl_ode'], idt['kl_ode_se'])} | "
-                         f"{_fmt(idt['kl_scores'], idt['kl_scores_se'])} | {_fmt(idt['diff'], idt['diff_se'], sign=True)} "
+            lines.append(f"| {LABELS[m]} | {fmt_se(idt['kl_ode'], idt['kl_ode_se'])} | "
+                         f"{fmt_se(idt['kl_scores'], idt['kl_scores_se'])} | {fmt_se(idt['diff'], idt['diff_se'], sign=True)} "
                          f"| {'yes' if ok else 'no'} |")
         lines += ["", "½∫ of the KL integrand by noise band (trapezoid on the diagnostic grid, nats):", "",
                   "| model | " + " | ".join(f"σ ∈ [{lo:g}, {hi if hi < float('inf') else 'σ_max'}]" for lo, hi in BANDS) + " |",

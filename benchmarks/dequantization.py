@@ -1,4 +1,4 @@
-"""Bits/dim protocols on 8-bit data of known entropy (GitHub issue 12).
+"""Bits/dim protocols on 8-bit data of known entropy.
 
 Data: ``DiscreteDataModule`` (independent bytes; 1-D, 2-D and 3×8×8), two kinds with the same
 bytes and P(k): ``discrete`` (q_0 = point masses at the bin centres) and ``smooth`` (q_0 = the
@@ -10,31 +10,31 @@ the score's Jacobian is diagonal, so a fixed probe v = 1 gives tr J). Reported i
   gap to the exact −log₂ P(k)/D of the same points ± s.e. (every protocol must be ≥ 0 up to MC error);
 * the truncated-normal bits/dim against eps ∈ [1e-6, 1e-2] for K = 1, 8, 64 (1-D; PNG);
 * a toy-trained 3×8×8 model (SmallConvNet, first-order DSM through HOSMModule/Lightning, a few
-  minutes on the CPU): uniform vs truncated-normal bits/dim of the same weights, through the
-  LikelihoodEvaluator (Hutchinson probes, per-sample seeds).
+  minutes on the CPU): uniform vs truncated-normal bits/dim of the same weights, through Lightning's
+  test loop (``HOSMModule.test_step``: Hutchinson probes, per-sample seeds).
 
-    python benchmarks/dequantization.py [--quick] [--out benchmarks/results] [--train-seconds 120]
+    python -m benchmarks.dequantization [--quick] [--out benchmarks/results] [--train-seconds 120]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from hosm_lightning.core import VPSDE, bits_per_dim, ode_log_likelihood  # noqa: E402
-from hosm_lightning.data import DiscreteDataModule  # noqa: E402
+from hosm_lightning.core import VPSDE, ODEOptions, bits_per_dim, mean_se, ode_log_likelihood
+from hosm_lightning.data import DiscreteDataModule
+from hosm_lightning.progress import Progress
+
+from . import ROOT
+from ._protocol import split_points
 
 LN2 = math.log(2)
 TOL = 1e-6
@@ -42,49 +42,64 @@ EPS = 1e-5
 PROTOCOLS = (("uniform", 1), ("truncated_normal", 1), ("truncated_normal", 8))
 
 
-def _mean_se(v: torch.Tensor) -> tuple[float, float]:
-    v = v.double()
-    return v.mean().item(), (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
-
-
 def exact_score_bpd(dm, x, proto, k, eps, seed):
     """(bpd [B], nfe) of the ODE driven by the exact score of dm's q_t."""
     sde, dist = VPSDE(), dm.distribution
-    ode = functools.partial(ode_log_likelihood, dist.score_fn(sde), sde, eps=eps, rtol=TOL, atol=TOL)
-    nfe = [0]
+    score, nfe = dist.score_fn(sde), [0]
 
     def log_prob(y):
         y = y.double()
         if y[0].numel() <= 2:
-            logp, info = ode(y, divergence="exact")
+            lik = ode_log_likelihood(score, sde, y, ODEOptions(eps=eps, rtol=TOL, atol=TOL, divergence="exact"))
         else:  # diagonal Jacobian: v = 1 gives the exact trace in one backward pass
-            logp, info = ode(y, divergence="hutchinson", v=torch.ones_like(y))
-        nfe[0] += info["nfe"]
-        return logp
+            lik = ode_log_likelihood(score, sde, y, ODEOptions(eps=eps, rtol=TOL, atol=TOL, divergence="hutchinson"),
+                                     v=torch.ones_like(y))
+        nfe[0] += lik.nfe
+        return lik.logp
 
-    bpd, _ = bits_per_dim(log_prob, x, centered=True, dequantization=proto, num_importance=k, sde=sde, eps=eps,
-                          generator=torch.Generator().manual_seed(seed))
-    return bpd, nfe[0]
+    bound = bits_per_dim(log_prob, x, centered=True, dequantization=proto, num_importance=k, sde=sde, eps=eps,
+                         generator=torch.Generator().manual_seed(seed))
+    return bound.bpd, nfe[0]
+
+
+def test_bytes(shape: str, kind: str, n: int) -> tuple[DiscreteDataModule, torch.Tensor]:
+    """The data module and its n test points (uint8)."""
+    dm = DiscreteDataModule(shape=shape, kind=kind, test_size=n)
+    return dm, split_points(dm)
 
 
 def protocol_table(sizes: dict) -> list[str]:
     rows = ["| data | kind | D | N | exact entropy | protocol | K | bits/dim ± s.e. | gap to exact −log₂P/D ± s.e. | NFE |",
             "|---|---|---:|---:|---:|---|---:|---|---|---:|"]
-    for shape, n in sizes.items():
-        for kind in ("discrete", "smooth"):
-            dm = DiscreteDataModule(shape=shape, kind=kind, test_size=n)
-            dm.setup()
-            x = dm._test
-            exact = -dm.distribution.log_prob_bytes(x) / (dm.dim * LN2)
-            for proto, k in PROTOCOLS:
-                bpd, nfe = exact_score_bpd(dm, x, proto, k, EPS, seed=1)
-                m, se = _mean_se(bpd)
-                g, gse = _mean_se(bpd.double() - exact)
-                name = "uniform" if proto == "uniform" else "truncated normal"
-                rows.append(f"| {shape} | {kind} | {dm.dim} | {n} | {dm.entropy_bits:.4f} | {name} | {k} | {m:.4f} ± {se:.4f} "
-                            f"| {g:+.5f} ± {gse:.5f} | {nfe} |")
-                print(rows[-1], flush=True)
+    with Progress(len(sizes) * 2 * len(PROTOCOLS), "dequantization: protocol table") as progress:
+        for shape, n in sizes.items():
+            for kind in ("discrete", "smooth"):
+                dm, x = test_bytes(shape, kind, n)
+                exact = -dm.distribution.log_prob_bytes(x) / (dm.dim * LN2)
+                for proto, k in PROTOCOLS:
+                    bpd, nfe = exact_score_bpd(dm, x, proto, k, EPS, seed=1)
+                    m, se = mean_se(bpd)
+                    g, gse = mean_se(bpd.double() - exact)
+                    name = "uniform" if proto == "uniform" else "truncated normal"
+                    rows.append(f"| {shape} | {kind} | {dm.dim} | {n} | {dm.entropy_bits:.4f} | {name} | {k} | "
+                                f"{m:.4f} ± {se:.4f} | {g:+.5f} ± {gse:.5f} | {nfe} |")
+                    print(rows[-1], flush=True)
+                    progress.update()
     return rows
+
+
+def eps_row(dm, x, eps: float, ks, exact_i, progress: Progress) -> tuple[list[str], dict]:
+    """The cells of one eps (uniform, then truncated normal for each K) and the mean bits/dim per column."""
+    cells, means = [], {}
+    for k in ["uniform", *ks]:
+        proto, kk = ("uniform", 1) if k == "uniform" else ("truncated_normal", k)
+        bpd = exact_score_bpd(dm, x, proto, kk, eps, seed=2)[0]
+        m, _ = mean_se(bpd)
+        g, gse = mean_se(bpd.double() - exact_i)
+        means[k] = m
+        cells.append(f"{m:.4f} ({g:+.4f} ± {gse:.4f})")
+        progress.update()
+    return cells, means
 
 
 def eps_curve(n: int, eps_list, ks, png: Path) -> list[str]:
@@ -97,48 +112,43 @@ def eps_curve(n: int, eps_list, ks, png: Path) -> list[str]:
             "| kind | eps | uniform K=1 | " + " | ".join(f"TN K={k}" for k in ks) + " | exact −log₂P (same points) |",
             "|---|---|---|" + "---|" * len(ks) + "---|"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, kind in zip(axes, ("discrete", "smooth")):
-        dm = DiscreteDataModule(shape="1d", kind=kind, test_size=n)
-        dm.setup()
-        x = dm._test
-        exact_i = -dm.distribution.log_prob_bytes(x) / LN2
-        exact = exact_i.mean().item()
-        curves = {k: [] for k in ["uniform", *ks]}
-        for eps in eps_list:
-            cells = []
-            for k in ["uniform", *ks]:
-                proto, kk = ("uniform", 1) if k == "uniform" else ("truncated_normal", k)
-                bpd = exact_score_bpd(dm, x, proto, kk, eps, seed=2)[0]
-                m, _ = _mean_se(bpd)
-                g, gse = _mean_se(bpd.double() - exact_i)
-                curves[k].append(m)
-                cells.append(f"{m:.4f} ({g:+.4f} ± {gse:.4f})")
-            rows.append(f"| {kind} | {eps:.0e} | " + " | ".join(cells) + f" | {exact:.4f} |")
-            print(rows[-1], flush=True)
-        for k, ys in curves.items():
-            ax.plot(eps_list, ys, "o-", label="uniform" if k == "uniform" else f"truncated normal, K={k}")
-        ax.axhline(exact, color="k", ls="--", lw=1, label="exact −log₂P (same points)")
-        ax.set_xscale("log")
-        ax.set_xlabel("eps")
-        ax.set_ylabel("bits/dim")
-        ax.set_title(f"1-D 8-bit data, {kind} kind, exact score (VP)")
-        lo = exact - 0.05
-        ax.set_ylim(lo, max(max(curves[ks[0]]), exact + 0.2) + 0.1)
-        ax.legend(fontsize=7)
+    with Progress(2 * len(eps_list) * (1 + len(ks)), "dequantization: eps curve") as progress:
+        for ax, kind in zip(axes, ("discrete", "smooth")):
+            dm, x = test_bytes("1d", kind, n)
+            exact_i = -dm.distribution.log_prob_bytes(x) / LN2
+            exact = exact_i.mean().item()
+            curves = {k: [] for k in ["uniform", *ks]}
+            for eps in eps_list:
+                cells, means = eps_row(dm, x, eps, ks, exact_i, progress)
+                for k, m in means.items():
+                    curves[k].append(m)
+                rows.append(f"| {kind} | {eps:.0e} | " + " | ".join(cells) + f" | {exact:.4f} |")
+                print(rows[-1], flush=True)
+            _plot_eps(ax, eps_list, curves, exact, kind, ks)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     return rows
+
+
+def _plot_eps(ax, eps_list, curves: dict, exact: float, kind: str, ks) -> None:
+    for k, ys in curves.items():
+        ax.plot(eps_list, ys, "o-", label="uniform" if k == "uniform" else f"truncated normal, K={k}")
+    ax.axhline(exact, color="k", ls="--", lw=1, label="exact −log₂P (same points)")
+    ax.set_xscale("log")
+    ax.set_xlabel("eps")
+    ax.set_ylabel("bits/dim")
+    ax.set_title(f"1-D 8-bit data, {kind} kind, exact score (VP)")
+    ax.set_ylim(exact - 0.05, max(max(curves[ks[0]]), exact + 0.2) + 0.1)
+    ax.legend(fontsize=7)
 
 
 def toy_trained(train_seconds: float, n_test: int, quick: bool) -> list[str]:
     """Train a SmallConvNet on 3×8×8 genuinely discrete data; uniform vs TN bits/dim of the same weights."""
     import lightning as L
 
-    from hosm_lightning.lit.evaluation import LikelihoodEvaluator
-    from hosm_lightning.core import ODEOptions
     from hosm_lightning.lit.module import HOSMModule
-    from hosm_lightning.lit.options import FitOptions
     from hosm_lightning.nets import SmallConvNet
+    from hosm_lightning.options import EvalOptions, FitOptions
 
     class TimeLimit(L.Callback):
         def on_train_batch_end(self, trainer, *args):
@@ -158,22 +168,21 @@ def toy_trained(train_seconds: float, n_test: int, quick: bool) -> list[str]:
     start = time.perf_counter()
     trainer.fit(model, dm)
     secs, steps = time.perf_counter() - start, trainer.global_step
-    model.eval()
-    dm.setup("test")
-    fake = SimpleNamespace(datamodule=dm, world_size=1, global_rank=0, is_global_zero=True, progress_bar_callback=None,
-                           strategy=SimpleNamespace(all_gather=lambda t: t))
     rows = [f"SmallConvNet (channels {net.blocks[0][2].in_channels}, depth {len(net.blocks)}), VP, first-order DSM, "
             f"{steps} steps of batch 64 in {secs:.0f} s; {n_test} test images, rtol = atol = {model.ode.rtol:g}, "
             "Hutchinson probe (one per image and importance sample); "
             f"exact entropy {dm.entropy_bits:.4f} bits/dim", "",
             "| protocol | K | bits/dim ± s.e. | gap to exact −log₂P/D ± s.e. | mean NFE | seconds |", "|---|---:|---|---|---:|---:|"]
-    for k in (1, 4):
-        ev = LikelihoodEvaluator(dequantization=["uniform", "truncated_normal"], num_importance=k)
-        res = ev.evaluate(fake, model, "test")
-        for p, e in res["protocols"].items():
-            rows.append(f"| {p.replace('_', ' ')} | {k} | {e['mean']:.4f} ± {e['se']:.4f} | {e['gap']:+.4f} ± {e['gap_se']:.4f} "
-                        f"| {e['nfe']:.0f} | {res['seconds']:.0f} |")
-            print(rows[-1], flush=True)
+    with Progress(2, "dequantization: toy-trained model, test runs") as progress:
+        for k in (1, 4):
+            model.evaluation = EvalOptions(dequantization=["uniform", "truncated_normal"], num_importance=k)
+            trainer.test(model, dm, verbose=False)
+            res = model.test_results
+            for p, e in res["protocols"].items():
+                rows.append(f"| {p.replace('_', ' ')} | {k} | {e['mean']:.4f} ± {e['se']:.4f} | {e['gap']:+.4f} ± "
+                            f"{e['gap_se']:.4f} | {e['nfe']:.0f} | {res['seconds']:.0f} |")
+                print(rows[-1], flush=True)
+            progress.update()
     return rows
 
 

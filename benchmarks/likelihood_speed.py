@@ -1,4 +1,4 @@
-"""Exact ODE likelihood: our torchdiffeq evaluator against a solve_ivp baseline (GitHub issue 6).
+"""Exact ODE likelihood: our torchdiffeq evaluator against a solve_ivp baseline.
 
 * **ours**: ``hosm_lightning.core.ode_log_likelihood`` — torchdiffeq dopri5 on the tensor state
   (x, Δlogp), exact divergence, everything stays a torch tensor on the device.
@@ -14,14 +14,14 @@ Cases (1-D, VE SDE σ ∈ [0.01, 50]):
   log q_eps(x) − log q_T(x_T) + log π(x_T) per point (docs/design.md §4), evaluated in float64 at each
   solver's own x_T.
 * ``network``: the paper's toy MLP (``ToyScoreNet(dim=1)``) trained briefly with first-order DSM
-  (``dsm_losses``), or a Lightning checkpoint given with ``--ckpt`` (a mog1d-config run). The error
+  (``HOSMObjective``), or a Lightning checkpoint given with ``--ckpt`` (a mog1d-config run). The error
   is measured against a float64 copy of the network solved by dopri5 at rtol = atol = 1e-8; the
   agreement |ours − scipy| is reported too.
 
 Times: one solve per row after a warm-up, the median of ``--repeats`` solves at rtol 1e-5; one torch
 thread by default (``--threads``). Goal: ours ≥ 2× faster than the baseline at equal or better accuracy.
 
-    python benchmarks/likelihood_speed.py [--n 5000] [--ckpt runs/mog1d/checkpoints/last.ckpt]
+    python -m benchmarks.likelihood_speed [--n 5000] [--ckpt runs/mog1d/checkpoints/last.ckpt]
         [--device cpu|cuda] [--out benchmarks/results] [--quick]
 """
 
@@ -32,8 +32,6 @@ import copy
 import datetime
 import os
 import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -41,17 +39,19 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from hosm_lightning.core import VESDE, dsm_losses, ode_log_likelihood, paper_mog1d  # noqa: E402
-from hosm_lightning.core.seeding import make_generator  # noqa: E402
-from hosm_lightning.nets import ScoreModel, ToyScoreNet  # noqa: E402
+from hosm_lightning.core import VESDE, HOSMObjective, Likelihood, ODEOptions, ode_log_likelihood, paper_mog1d
+from hosm_lightning.core.seeding import make_generator
+from hosm_lightning.nets import ScoreModel, ToyScoreNet
+from hosm_lightning.progress import Progress
+
+from . import ROOT
+from ._harness import markdown_table, timed
 
 EPS = 1e-5
 REF_TOL = 1e-8  # float64 reference solve of the network case
 
 
-def scipy_log_likelihood(score_fn, sde, x: torch.Tensor, *, eps=EPS, rtol=1e-5, atol=1e-5):
+def scipy_log_likelihood(score_fn, sde, x: torch.Tensor, *, eps=EPS, rtol=1e-5, atol=1e-5) -> Likelihood:
     """The reference codes' evaluator: RK45 on a flat numpy state, torch ↔ numpy at every evaluation."""
     shape, b, device = x.shape, x.shape[0], x.device
     n = x.numel()
@@ -77,43 +77,33 @@ def scipy_log_likelihood(score_fn, sde, x: torch.Tensor, *, eps=EPS, rtol=1e-5, 
     if not sol.success:
         raise RuntimeError(f"solve_ivp failed: {sol.message}")
     x_t = torch.from_numpy(sol.y[:n, -1]).reshape(shape)
-    logp = sde.prior_logp(x_t) + torch.from_numpy(sol.y[n:, -1])
-    return logp, {"nfe": nfe[0], "x_T": x_t, "seconds": time.perf_counter() - start}
+    delta, prior = torch.from_numpy(sol.y[n:, -1]), sde.prior_logp(x_t)
+    return Likelihood(logp=prior + delta, nfe=nfe[0], x_T=x_t, delta_logp=delta, prior_logp=prior,
+                      seconds=time.perf_counter() - start)
 
 
-def timed(fn, repeats: int):
-    """Run ``fn`` ``repeats`` times; return (last result, median seconds)."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
-
-
-def train_net(steps: int, batch: int, device) -> ScoreModel:
+def train_net(steps: int, batch: int, device, progress: Progress) -> ScoreModel:
     """ToyScoreNet(dim=1), first-order DSM on the paper's mixture, Adam 1e-3, clip 1 (seeded)."""
     torch.manual_seed(0)
     sde, mix = VESDE(), paper_mog1d()
     model = ScoreModel(ToyScoreNet(dim=1), sde).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    objective = HOSMObjective(eps=EPS)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         x0 = mix.sample(batch, gen).to(device)
-        gen_tzv = make_generator(0, "speed-train", step, device=device)
-        loss = dsm_losses(model, x0, sde, order=1, generator=gen_tzv)["dsm1"].mean()
+        loss = objective(model, sde, x0, 1, make_generator(0, "speed-train", step, device=device))[0].mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        progress.update()
     return model.eval()
 
 
 def load_net(ckpt: str, device) -> ScoreModel:
-    """The score model of a mog1d Lightning checkpoint (EMA weights), via the CLI's loader."""
-    from hosm_lightning.cli import load_weights
+    """The score model of a mog1d Lightning checkpoint (EMA weights)."""
+    from hosm_lightning.checkpoints import load_weights
     from hosm_lightning.lit.module import HOSMModule
 
     module = HOSMModule(net=ToyScoreNet(dim=1), sde=VESDE())
@@ -124,29 +114,31 @@ def load_net(ckpt: str, device) -> ScoreModel:
 def compare(case: str, score_fn, x, sde, rtol: float, repeats: int, truth, with_scipy: bool = True) -> list[dict]:
     """Rows for ours (and scipy): NLL, NFE, median time, mean/max |logp − truth(x_T, logp)|."""
     rows = []
-    runners = {"ours (torchdiffeq dopri5)": lambda: ode_log_likelihood(score_fn, sde, x, eps=EPS, rtol=rtol, atol=rtol)}
+    ode = ODEOptions(eps=EPS, rtol=rtol, atol=rtol)
+    runners = {"ours (torchdiffeq dopri5)": lambda: ode_log_likelihood(score_fn, sde, x, ode)}
     if with_scipy:
         runners["scipy solve_ivp RK45"] = lambda: scipy_log_likelihood(score_fn, sde, x, rtol=rtol, atol=rtol)
     for name, fn in runners.items():
-        (logp, info), secs = timed(fn, repeats)
-        logp = logp.detach().double().cpu()
-        err = (logp - truth(info["x_T"].detach().double().cpu())).abs()
-        rows.append({"case": case, "rtol": rtol, "evaluator": name, "nll": -logp.mean().item(), "nfe": info["nfe"],
-                     "seconds": secs, "mae": err.mean().item(), "max": err.max().item(), "logp": logp})
+        timing = timed(fn, repeats=repeats, device=x.device)
+        lik = timing.result
+        logp = lik.logp.detach().double().cpu()
+        err = (logp - truth(lik.x_T.detach().double().cpu())).abs()
+        rows.append({"case": case, "rtol": rtol, "evaluator": name, "nll": -logp.mean().item(), "nfe": lik.nfe,
+                     "seconds": timing.median, "mae": err.mean().item(), "max": err.max().item(), "logp": logp})
     return rows
 
 
 def fmt(rows: list[dict], speed: bool) -> str:
-    head = "| case | rtol = atol | evaluator | NLL (nats) | NFE | wall s | ms/eval | mean abs error (nats) | max abs error |"
-    head += " speed-up vs scipy |" if speed else ""
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if speed else "")]
+    header = ["case", "rtol = atol", "evaluator", "NLL (nats)", "NFE", "wall s", "ms/eval", "mean abs error (nats)",
+              "max abs error"] + (["speed-up vs scipy"] if speed else [])
+    cells = []
     for r in rows:
-        line = (f"| {r['case']} | {r['rtol']:.0e} | {r['evaluator']} | {r['nll']:.5f} | {r['nfe']} | {r['seconds']:.3f} | "
-                f"{1000 * r['seconds'] / r['nfe']:.2f} | {r['mae']:.2e} | {r['max']:.2e} |")
+        line = [r["case"], f"{r['rtol']:.0e}", r["evaluator"], f"{r['nll']:.5f}", r["nfe"], f"{r['seconds']:.3f}",
+                f"{1000 * r['seconds'] / r['nfe']:.2f}", f"{r['mae']:.2e}", f"{r['max']:.2e}"]
         if speed:
-            line += f" {r['speedup']:.2f}× |" if "speedup" in r else " 1.00× |"
-        lines.append(line)
-    return "\n".join(lines)
+            line.append(f"{r['speedup']:.2f}×" if "speedup" in r else "1.00×")
+        cells.append(line)
+    return markdown_table(header, cells, "lrlrrrrrr" + ("r" if speed else ""))
 
 
 def why(rows: list[dict]) -> str:
@@ -166,7 +158,7 @@ def why(rows: list[dict]) -> str:
     )
 
 
-def main(argv=None) -> str:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="500 points, 2 tolerances, a few training steps")
     p.add_argument("--n", type=int, help="number of points (default 5000; 500 with --quick)")
@@ -177,53 +169,54 @@ def main(argv=None) -> str:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="results folder (default benchmarks/results; runs/likelihood_speed_quick with --quick)")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
-    n = a.n or (500 if a.quick else 5000)
-    repeats = a.repeats or (1 if a.quick else 3)
-    tols = (1e-3, 1e-5) if a.quick else (1e-3, 1e-4, 1e-5, 1e-6)
-    sde, mix = VESDE(), paper_mog1d()
-    t0 = time.perf_counter()
-    x = mix.sample(n, torch.Generator().manual_seed(0)).to(device)
+    a.n = a.n or (500 if a.quick else 5000)
+    a.repeats = a.repeats or (1 if a.quick else 3)
+    a.tols = (1e-3, 1e-5) if a.quick else (1e-3, 1e-4, 1e-5, 1e-6)
+    return a
 
-    def anchor(x_t):  # exact ODE density of the exact score, per point
-        xd = x.detach().double().cpu()
-        return mix.log_prob(xd, EPS, sde) - mix.log_prob(x_t, sde.T, sde) + sde.prior_logp(x_t)
 
-    exact_fn = mix.score_fn(sde)
+def network(a, device) -> tuple[ScoreModel, str]:
+    """The network case's score model and a sentence on where it comes from."""
     if a.ckpt:
-        net, net_src = load_net(a.ckpt, device), f"checkpoint `{a.ckpt}`"
-    else:
-        steps = a.train_steps or (30 if a.quick else 400)
-        tt = time.perf_counter()
-        net = train_net(steps, 1000, device)
-        net_src = f"trained here: {steps} first-order DSM steps, batch 1000 ({time.perf_counter() - tt:.0f} s)"
-    net64 = copy.deepcopy(net).double()
-    ref_logp, ref_info = ode_log_likelihood(net64, sde, x.double(), eps=EPS, rtol=REF_TOL, atol=REF_TOL)
-    ref_logp = ref_logp.detach().cpu()
+        return load_net(a.ckpt, device), f"checkpoint `{a.ckpt}`"
+    steps = a.train_steps or (30 if a.quick else 400)
+    start = time.perf_counter()
+    with Progress(steps, "likelihood_speed: training steps") as progress:
+        net = train_net(steps, 1000, device, progress)
+    return net, f"trained here: {steps} first-order DSM steps, batch 1000 ({time.perf_counter() - start:.0f} s)"
 
-    ode_log_likelihood(exact_fn, sde, x[:8], eps=EPS)  # warm-up (one-time initialisation)
-    scipy_log_likelihood(net, sde, x[:8])
-    sweep = []
-    for rtol in tols:  # the reference setting 1e-5 gets the median of `repeats` solves, the others one
-        reps = repeats if rtol == 1e-5 else 1
-        sweep += compare("mixture (exact score)", exact_fn, x, sde, rtol, reps, anchor)
-        sweep += compare("network (toy MLP)", net, x, sde, rtol, reps, lambda _: ref_logp)
-    for i in range(0, len(sweep), 2):
-        sweep[i]["speedup"] = sweep[i + 1]["seconds"] / sweep[i]["seconds"]
+
+def sweep_rows(a, sde, x, exact_fn, anchor, net, ref_logp) -> list[dict]:
+    """Both cases at every tolerance: the reference setting 1e-5 gets the median of ``repeats`` solves,
+    the others one; each row gets its speed-up against the scipy row that follows it."""
+    solves = sum(2 * 2 * (a.repeats if rtol == 1e-5 else 1) for rtol in a.tols)
+    rows = []
+    with Progress(solves, "likelihood_speed: solves") as progress:
+        for rtol in a.tols:
+            reps = a.repeats if rtol == 1e-5 else 1
+            rows += compare("mixture (exact score)", exact_fn, x, sde, rtol, reps, anchor)
+            progress.update(2 * reps)
+            rows += compare("network (toy MLP)", net, x, sde, rtol, reps, lambda _: ref_logp)
+            progress.update(2 * reps)
+    for i in range(0, len(rows), 2):
+        rows[i]["speedup"] = rows[i + 1]["seconds"] / rows[i]["seconds"]
+    return rows
+
+
+def report(a, device, sweep: list[dict], ref_nfe: int, net_src: str, seconds: float) -> str:
     main_rows = [r for r in sweep if r["rtol"] == 1e-5]
     agree = (main_rows[2]["logp"] - main_rows[3]["logp"]).abs()
     met = all(r["speedup"] >= 2 and r["mae"] <= s["mae"] * 1.05 + 1e-7 for r, s in zip(main_rows[::2], main_rows[1::2]))
-    text = "\n".join([
+    return "\n".join([
         "# Exact ODE likelihood: torchdiffeq (ours) vs scipy solve_ivp (reference codes)" + (" (QUICK)" if a.quick else ""),
         "",
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}: {os.cpu_count()} CPU cores, device {device}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads). `benchmarks/likelihood_speed.py"
-        + (" --quick`." if a.quick else "`.") + f" N = {n} points of the paper's 1-D mixture, VE SDE, eps = 1e-5, "
-        f"exact divergence; wall time = one solve (median of {repeats} at rtol 1e-5); ms/eval = wall time / NFE.",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads). `python -m benchmarks.likelihood_speed"
+        + (" --quick`." if a.quick else "`.") + f" N = {a.n} points of the paper's 1-D mixture, VE SDE, eps = 1e-5, "
+        f"exact divergence; wall time = one solve (median of {a.repeats} at rtol 1e-5); ms/eval = wall time / NFE.",
         "",
         "Errors: mixture — against the exact anchor log q_eps(x) − log q_T(x_T) + log π(x_T); network — against "
-        f"a float64 copy of the net solved at rtol = atol = {REF_TOL:g} (NFE {ref_info['nfe']}; the float32 "
+        f"a float64 copy of the net solved at rtol = atol = {REF_TOL:g} (NFE {ref_nfe}; the float32 "
         f"rounding of the net itself bounds the attainable error). Network: {net_src}.",
         "",
         "## Head to head at rtol = atol = 1e-5 (the reference setting)",
@@ -238,8 +231,29 @@ def main(argv=None) -> str:
         "",
         fmt(sweep, speed=True),
         "",
-        f"Total benchmark time {time.perf_counter() - t0:.0f} s.",
+        f"Total benchmark time {seconds:.0f} s.",
     ]) + "\n"
+
+
+def main(argv=None) -> str:
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    sde, mix = VESDE(), paper_mog1d()
+    t0 = time.perf_counter()
+    x = mix.sample(a.n, torch.Generator().manual_seed(0)).to(device)
+
+    def anchor(x_t):  # exact ODE density of the exact score, per point
+        xd = x.detach().double().cpu()
+        return mix.log_prob(xd, EPS, sde) - mix.log_prob(x_t, sde.T, sde) + sde.prior_logp(x_t)
+
+    exact_fn = mix.score_fn(sde)
+    net, net_src = network(a, device)
+    ref = ode_log_likelihood(copy.deepcopy(net).double(), sde, x.double(), ODEOptions(eps=EPS, rtol=REF_TOL, atol=REF_TOL))
+    ode_log_likelihood(exact_fn, sde, x[:8], ODEOptions(eps=EPS))  # warm-up (one-time initialisation)
+    scipy_log_likelihood(net, sde, x[:8])
+    sweep = sweep_rows(a, sde, x, exact_fn, anchor, net, ref.logp.detach().cpu())
+    text = report(a, device, sweep, ref.nfe, net_src, time.perf_counter() - t0)
     out = Path(a.out or (ROOT / "runs" / "likelihood_speed_quick" if a.quick else ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "likelihood_speed.md").write_text(text)

@@ -1,4 +1,4 @@
-"""Synthetic benchmark, the paper's protocol: fine-tune a *converged* first-order model (issue 9).
+"""Synthetic benchmark, the paper's protocol: fine-tune a *converged* first-order model.
 
 Per dataset (mog1d, checkerboard, swissroll, gmm2d — a 2-D mixture with an exact density):
 
@@ -22,12 +22,13 @@ Per dataset (mog1d, checkerboard, swissroll, gmm2d — a 2-D mixture with an exa
 and 1000 steps, plus order 3 without gradient clipping; it logs the per-term gradient norms
 ‖∇_θ dsm_k‖ and picks the recipe (lr, λ₃, N2) with the lowest order-3 KL.
 
-    python benchmarks/synthetic.py --sweep [--jobs 2]     # → benchmarks/results/sweep.md, sweep.json
-    python benchmarks/synthetic.py [--jobs 2]             # → benchmarks/results/synthetic.md + figures
-    python benchmarks/synthetic.py --quick                # CI smoke run (numbers mean nothing)
+    python -m benchmarks.synthetic --sweep [--jobs 2]     # → benchmarks/results/sweep.md, sweep.json
+    python -m benchmarks.synthetic [--jobs 2]             # → benchmarks/results/synthetic.md + figures
+    python -m benchmarks.synthetic --quick                # CI smoke run (numbers mean nothing)
 
 Training runs are cached under ``--runs`` (default runs/benchmark_synthetic) by their exact spec,
-so an interrupted benchmark continues where it stopped. One torch thread per process.
+so an interrupted benchmark continues where it stopped. One torch thread per process. Progress with
+an estimate of the time left goes to stderr (training weighted by steps, then the evaluations).
 """
 
 from __future__ import annotations
@@ -37,17 +38,18 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _protocol import ROOT, Run, train_cached  # noqa: E402
+from hosm_lightning.progress import Progress, format_duration
+
+from . import ROOT
+from ._protocol import Run, train_job
 
 DATASETS = ("mog1d", "checkerboard", "swissroll", "gmm2d")
 MIXTURES = ("mog1d", "gmm2d")
@@ -95,32 +97,26 @@ class Recipe:
     warmup: int = 0
 
 
-def log(msg: str) -> None:
-    print(f"[synthetic {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _job(dataset: str, runs: str, run: dict, batch: int) -> dict:
-    """One training run in a worker process (one torch thread)."""
-    torch.set_num_threads(1)
-    from _protocol import quiet
-
-    quiet()
-    out = train_cached(dataset, Path(runs), Run(**run), batch)
-    return {"ckpts": {k: str(v) for k, v in out["ckpts"].items()}, "seconds": out["seconds"], "log": str(out["log"]),
-            "cached": out["cached"]}
-
-
 def run_jobs(jobs: dict, n_workers: int, batch: int) -> dict:
-    """``jobs`` maps a key to (dataset, runs folder, Run); runs them on ``n_workers`` processes."""
-    if n_workers <= 1:
-        return {k: _job(d, str(r), asdict(run), batch) for k, (d, r, run) in jobs.items()}
-    with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as pool:
-        futs = {k: pool.submit(_job, d, str(r), asdict(run), batch) for k, (d, r, run) in jobs.items()}
-        out = {}
-        for k, f in futs.items():
-            out[k] = f.result()
-            log(f"{k}: {'cached' if out[k]['cached'] else 'trained'} ({out[k]['seconds']:.0f} s)")
-        return out
+    """``jobs`` maps a key to (dataset, runs folder, Run); runs them on ``n_workers`` processes, with
+    progress weighted by training steps."""
+    total = sum(run.steps for _, _, run in jobs.values())
+    with Progress(total, "training steps") as progress:
+        if n_workers <= 1:
+            out = {}
+            for k, (d, r, run) in jobs.items():
+                out[k] = train_job(d, str(r), asdict(run), batch)
+                progress.update(run.steps)
+            return out
+        with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as pool:
+            futs = {pool.submit(train_job, d, str(r), asdict(run), batch): k for k, (d, r, run) in jobs.items()}
+            done = {}
+            for f in as_completed(futs):
+                k = futs[f]
+                done[k] = f.result()
+                progress.update(jobs[k][2].steps)
+                progress.write(f"{k}: {'cached' if done[k]['cached'] else 'trained'} ({format_duration(done[k]['seconds'])})")
+            return {k: done[k] for k in jobs}
 
 
 def pre_run(dataset: str, scale: Scale) -> Run:
@@ -148,7 +144,7 @@ def pretrain(datasets, scale: Scale, runs: Path, workers: int) -> dict:
 
 # -- sweep ----------------------------------------------------------------------------------------
 def sweep(scale: Scale, runs: Path, out: Path, workers: int) -> dict:
-    from _report import sweep_report
+    from ._sweep import sweep_report
 
     pre = pretrain(["mog1d"], scale, runs, workers)["mog1d"]
     pre_ckpt = pre["ckpts"][max(pre["ckpts"])]
@@ -193,7 +189,7 @@ def load_recipe(out: Path, scale: Scale, quick: bool) -> tuple[Recipe, str]:
 
 
 def main_run(datasets, scale: Scale, runs: Path, out: Path, workers: int, quick: bool) -> str:
-    from _report import evaluate_dataset, main_report
+    from ._report import evaluate_dataset, main_report
 
     recipe, source = load_recipe(out, scale, quick)
     start = time.perf_counter()
@@ -212,13 +208,14 @@ def main_run(datasets, scale: Scale, runs: Path, out: Path, workers: int, quick:
     trained = run_jobs({f"{d}/{m}": jobs[(d, m)] for d, m in order}, workers, scale.batch)
     train_s = time.perf_counter() - start
     results = {}
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
-        futs = {d: pool.submit(evaluate_dataset, d, pre[d], {m: trained[f"{d}/{m}"] for (dd, m) in jobs if dd == d},
-                               asdict(scale), str(out)) for d in datasets}
-        for d, f in futs.items():
-            results[d] = f.result()
-            log(f"{d}: evaluated")
+    with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool, \
+            Progress(len(datasets), "evaluated datasets") as progress:
+        futs = {pool.submit(evaluate_dataset, d, pre[d], {m: trained[f"{d}/{m}"] for (dd, m) in jobs if dd == d},
+                            asdict(scale), str(out)): d for d in datasets}
+        for f in as_completed(futs):
+            results[futs[f]] = f.result()
+            progress.update()
+    results = {d: results[d] for d in datasets}  # table order
     text = main_report(results, scale, recipe, source, quick, train_s, time.perf_counter() - start, out)
     return text
 

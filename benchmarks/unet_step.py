@@ -1,9 +1,9 @@
 """Training-step cost of the DDPM++ / NCSN++ U-Nets for DSM orders 1, 2, 3 (docs/design.md §6).
 
-One step = ``dsm_losses`` (Hutchinson probes: J·v by forward-mode JVP, ∇ₓ(vᵀJv) by a reverse
-pass with ``create_graph``) → loss = mean_B(dsm1 + dsm2 + dsm3) (unit weights, as the reference image
-code) → ``loss.backward()``; no optimiser update. DDPM++ runs with the VP SDE (ε-prediction,
-s = −net/σ), NCSN++ with the VE SDE (the net returns the score).
+One step = ``HOSMObjective(lambda2=1, lambda3=1, divergence='hutchinson')`` (J·v by forward-mode JVP,
+∇ₓ(vᵀJv) by a reverse pass with ``create_graph``) → loss = mean_B(dsm1 + dsm2 + dsm3) (unit weights,
+as the reference image code) → ``loss.backward()``; no optimiser update. DDPM++ runs with the VP SDE
+(ε-prediction, s = −net/σ), NCSN++ with the VE SDE (the net returns the score).
 
 Configurations:
 
@@ -12,49 +12,35 @@ Configurations:
   order ≤ 2, 48 for order 3). Peak memory = ``torch.cuda.max_memory_allocated`` during the timed
   steps minus the allocation before them (weights and inputs excluded, gradients included).
 * CPU: a reduced width (nf 32, 1 block per level, same depth/resolutions, 3×32×32, batch 2; printed
-  in the header), each (net, order) in a fresh worker process. Peak memory = the increase of
-  ``ru_maxrss`` over its value before the first step (after building the net and warming up the
-  forward-AD machinery on a tiny conv net, so one-time library initialisation is not counted).
+  in the header), each (net, order) in a fresh worker process. Peak memory = the peak RSS increase over
+  the RSS before the first step (benchmarks/_harness.py ``PeakMemory``; after building the net and
+  warming up the forward-AD machinery on a tiny conv net, so one-time library initialisation is not
+  counted).
 
 Throughput is images/s = batch / median step time (``time.perf_counter``, CUDA synchronised).
 Ratios are to order 1 of the same net and batch in the same run. ``--quick``: a 16×16, nf 16,
 ch_mult (1, 2) net, batch 2, one warm-up and two timed steps (a smoke test of the script).
 
-    python benchmarks/unet_step.py [--device cpu|cuda] [--quick] [--threads N] [--reps 3]
+    python -m benchmarks.unet_step [--device cpu|cuda] [--quick] [--threads N] [--reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import datetime
-import gc
-import multiprocessing as mp
-import os
-import platform
-import resource
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 
-from hosm_lightning.core.losses import dsm_losses
-from hosm_lightning.core.sde import VESDE, VPSDE
-from hosm_lightning.nets.ddpmpp import DDPMpp
-from hosm_lightning.nets.ncsnpp import NCSNpp
-from hosm_lightning.nets.score import ScoreModel
+from hosm_lightning.core import VESDE, VPSDE, HOSMObjective
+from hosm_lightning.nets import DDPMpp, NCSNpp, ScoreModel
+
+from ._harness import PeakMemory, environment, markdown_table, ratio, run_rows, timed
 
 NETS = {"ddpmpp": (DDPMpp, VPSDE, "eps", True), "ncsnpp": (NCSNpp, VESDE, "score", False)}
 FULL = dict(image_size=32, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,))
 CPU_REDUCED = dict(FULL, nf=32, num_res_blocks=1)
 QUICK = dict(image_size=16, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
-
-
-def _ru_maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
 
 
 def _prime_forward_ad(device: torch.device) -> None:
@@ -69,7 +55,7 @@ def _prime_forward_ad(device: torch.device) -> None:
 
 def measure(name: str, order: int, batch: int, config: dict, device: str, warmup: int, reps: int,
             threads: int | None, seed: int = 0, probe_product: str = "jvp") -> dict:
-    """Time and peak memory of one training step (run in a fresh process on CPU)."""
+    """Time and peak memory of one training step (a fresh process per call on CPU, see ``run_rows``)."""
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated")
     if threads:
         torch.set_num_threads(threads)
@@ -84,40 +70,23 @@ def measure(name: str, order: int, batch: int, config: dict, device: str, warmup
     x0 = 2 * x0 - 1 if centered else x0
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed + 1)
+    objective = HOSMObjective(lambda2=1.0, lambda3=1.0, divergence="hutchinson", probe_product=probe_product)
 
     def step():
         net.zero_grad(set_to_none=True)
-        losses = dsm_losses(model, x0, sde, order=order, generator=gen, divergence="hutchinson",
-                            probe_product=probe_product)
-        sum(v.mean() for v in losses.values()).backward()
+        loss, _ = objective(model, sde, x0, order, gen)
+        loss.mean().backward()
 
     _prime_forward_ad(dev)
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        base = _ru_maxrss_bytes()
-    times = []
+    memory = PeakMemory(dev).start()
     try:
-        for i in range(warmup + reps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        timing = timed(step, repeats=reps, warmup=warmup, device=dev)
     except torch.cuda.OutOfMemoryError:
         return {"name": name, "order": order, "batch": batch, "oom": True}
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _ru_maxrss_bytes()) - base
-    ms = statistics.median(times) * 1e3
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    ms = timing.median * 1e3
     return {"name": name, "order": order, "batch": batch, "oom": False, "ms": ms, "img_s": batch / ms * 1e3,
-            "peak_mib": max(peak, 0) / 2**20, "params": params}
+            "peak_mib": memory.peak_mib(), "mem_method": memory.method, "params": params}
 
 
 def parse_args(argv=None):
@@ -150,60 +119,42 @@ def plan(args) -> tuple[dict, list[tuple[int, int]], str]:
         "CPU, REDUCED width: 3×32×32, nf 32 (paper 128), ch_mult (1,2,2,2), 1 block per level (paper 4), attn 16, batch 2")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    config, rows, desc = plan(args)
-    dev = torch.device(args.device)
-    isolate = dev.type == "cpu" and not args.in_process
-    ctx = None
-    if isolate:
-        if "forkserver" in mp.get_all_start_methods():
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["torch", "hosm_lightning.core.losses"])
-        else:
-            ctx = mp.get_context("spawn")
-
-    print("# DDPM++ / NCSN++ training step, DSM orders 1/2/3")
-    print()
-    print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"- torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}")
-    if dev.type == "cuda":
-        print(f"- device: cuda ({torch.cuda.get_device_name(dev)})")
-    else:
-        print(f"- device: cpu (os.cpu_count()={os.cpu_count()}, threads {args.threads or torch.get_num_threads()})")
-    print(f"- config: {desc}")
-    print(f"- step: dsm_losses (hutchinson) → mean(dsm1 + dsm2 + dsm3) → backward; warm-up {args.warmup}, "
-          f"median of {args.reps} steps")
-    print("- memory: " + ("torch.cuda.max_memory_allocated − allocated before the steps" if dev.type == "cuda"
-                          else "ru_maxrss increase over the value before the first step, fresh process per row"
-                          if isolate else "ru_maxrss increase, in-process (rows after the first understate)"))
-    print(flush=True)
-
-    results = []
-    for name in args.nets:
-        for batch, order in rows:
-            job = (name, order, batch, config, args.device, args.warmup, args.reps, args.threads)
-            if isolate:
-                with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
-                    res = ex.submit(measure, *job).result()
-            else:
-                res = measure(*job)
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-            results.append(res)
-
+def table(results: list[dict]) -> str:
+    """One row per measurement; ratios to order 1 of the same net and batch in this run."""
     base = {(r["name"], r["batch"]): r for r in results if r["order"] == 1 and not r["oom"]}
-    print("| net | params | batch | order | ms/step | images/s | time ratio to order 1 | peak MiB | memory ratio to order 1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for r in results:
         if r["oom"]:
-            print(f"| {r['name']} | | {r['batch']} | {r['order']} | OOM | | | | |")
+            rows.append([r["name"], "", r["batch"], r["order"], "OOM", "", "", "", ""])
             continue
         b = base.get((r["name"], r["batch"]))
-        tr = f"{r['ms'] / b['ms']:.2f}x" if b else "n/a"
-        mr = f"{r['peak_mib'] / b['peak_mib']:.2f}x" if b and b["peak_mib"] > 0 else "n/a"
-        print(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['order']} | {r['ms']:.1f} "
-              f"| {r['img_s']:.2f} | {tr} | {r['peak_mib']:.1f} | {mr} |")
+        rows.append([r["name"], f"{r['params'] / 1e6:.2f}M", r["batch"], r["order"], f"{r['ms']:.1f}",
+                     f"{r['img_s']:.2f}", ratio(r["ms"], b and b["ms"]), f"{r['peak_mib']:.1f}",
+                     ratio(r["peak_mib"], b and b["peak_mib"])])
+    header = ["net", "params", "batch", "order", "ms/step", "images/s", "time ratio to order 1", "peak MiB",
+              "memory ratio to order 1"]
+    return markdown_table(header, rows, "lrrrrrrrr")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config, plan_rows, desc = plan(args)
+    dev = torch.device(args.device)
+    isolate = dev.type == "cpu" and not args.in_process
+    jobs = [(name, order, batch, config, args.device, args.warmup, args.reps, args.threads)
+            for name in args.nets for batch, order in plan_rows]
+    print("# DDPM++ / NCSN++ training step, DSM orders 1/2/3")
+    print()
+    print("\n".join(environment(dev, args.threads)))
+    print(f"- config: {desc}")
+    print(f"- step: HOSMObjective (hutchinson) → mean(dsm1 + dsm2 + dsm3) → backward; warm-up {args.warmup}, "
+          f"median of {args.reps} steps")
+    print("- memory: " + ("torch.cuda.max_memory_allocated − allocated before the steps" if dev.type == "cuda"
+                          else "peak RSS increase over the RSS before the first step, fresh process per row"
+                          if isolate else "peak RSS increase, in-process"))
+    print(flush=True)
+    results = run_rows(measure, jobs, isolate=isolate)
+    print(table(results))
     return 0
 
 

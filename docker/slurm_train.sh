@@ -3,6 +3,8 @@
 #
 #   sbatch docker/slurm_train.sh                                    # fit, CONFIG below
 #   CONFIG=configs/cifar10_ve_ncsnpp.yaml sbatch --nodes=4 docker/slurm_train.sh
+#   CONFIG="configs/cifar10_vp_ddpmpp.yaml configs/cifar10_vp_ddpmpp_deep.yaml" sbatch docker/slurm_train.sh
+#                                   # several files, composed in order (later ones override)
 #   SUBCOMMAND=test EXTRA="--ckpt_path runs/cifar10_vp/checkpoints/last.ckpt" sbatch docker/slurm_train.sh
 #
 # Lightning detects SLURM by itself (SLURMEnvironment; SLURM_NTASKS is set and the job name is not
@@ -17,8 +19,11 @@
 # <default_root_dir>/hpc_ckpt_<n>.ckpt and calls `scontrol requeue $SLURM_JOB_ID` (this needs
 # --requeue). When the job starts again, Lightning resumes by itself from the newest hpc_ckpt_* if
 # no ckpt_path is given. This script picks the newer of that file and checkpoints/last.ckpt, so
-# that a job restarted after a node failure (no hpc checkpoint written) also resumes. To set the
-# plugin explicitly, e.g. to turn requeueing off:
+# that a job restarted after a node failure (no hpc checkpoint written) also resumes; for last.ckpt
+# it passes `--ckpt_path last`, which falls back to the newest readable checkpoint if last.ckpt is
+# cut off. A run stopped by SIGTERM (pre-emption, scancel) exits 143 after writing last.ckpt; the
+# script then requeues the job itself (`scontrol requeue`), so it continues where it stopped.
+# To set the plugin explicitly, e.g. to turn requeueing off:
 #   --trainer.plugins=lightning.fabric.plugins.environments.SLURMEnvironment --trainer.plugins.auto_requeue=false
 #
 # Python: the project's virtual environment by default (PYTHON=.venv/bin/python, created by
@@ -44,9 +49,18 @@ cd "${SLURM_SUBMIT_DIR:-.}"   # the repository root (submit from there)
 
 PYTHON=${PYTHON:-.venv/bin/python}
 SUBCOMMAND=${SUBCOMMAND:-fit}
-CONFIG=${CONFIG:-configs/cifar10_vp_ddpmpp.yaml}
-# trainer.default_root_dir (the run folder: checkpoints/, hpc_ckpt_*, TensorBoard): the config's, unless ROOT_DIR is set
-ROOT_DIR=${ROOT_DIR:-$("$PYTHON" -c "import sys, yaml; print((yaml.safe_load(open(sys.argv[1])).get('trainer') or {}).get('default_root_dir') or '.')" "$CONFIG")}
+CONFIG=${CONFIG:-configs/cifar10_vp_ddpmpp.yaml}   # one file or several, separated by spaces
+read -r -a CONFIGS <<< "$CONFIG"
+CONFIG_ARGS=()
+for c in "${CONFIGS[@]}"; do CONFIG_ARGS+=(--config "$c"); done
+# trainer.default_root_dir (the run folder: checkpoints/, hpc_ckpt_*, TensorBoard): the last config that
+# sets it, unless ROOT_DIR is set
+ROOT_DIR=${ROOT_DIR:-$("$PYTHON" -c "
+import sys, yaml
+root = '.'
+for path in sys.argv[1:]:
+    root = ((yaml.safe_load(open(path)) or {}).get('trainer') or {}).get('default_root_dir') or root
+print(root)" "${CONFIGS[@]}")}
 GPUS_PER_NODE=${SLURM_NTASKS_PER_NODE:-4}
 NNODES=${SLURM_NNODES:-1}
 EXTRA=${EXTRA:-}
@@ -60,18 +74,29 @@ RESUME=()
 if [[ "$SUBCOMMAND" == "fit" && "$EXTRA" != *"--ckpt_path"* ]]; then
     # newest of Lightning's pre-emption checkpoint and ModelCheckpoint's last.ckpt
     NEWEST=$(ls -t "$ROOT_DIR"/hpc_ckpt_*.ckpt "$ROOT_DIR"/checkpoints/last.ckpt 2>/dev/null | head -n 1 || true)
-    if [[ -n "$NEWEST" ]]; then
+    if [[ "$NEWEST" == */checkpoints/last.ckpt ]]; then
+        RESUME=(--ckpt_path last)   # last.ckpt, or the newest readable checkpoint if it is cut off
+        echo "resuming from $NEWEST (restart count ${SLURM_RESTART_COUNT:-0})"
+    elif [[ -n "$NEWEST" ]]; then
         RESUME=(--ckpt_path "$NEWEST")
         echo "resuming from $NEWEST (restart count ${SLURM_RESTART_COUNT:-0})"
     fi
 fi
 
-echo "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE GPU(s), $SUBCOMMAND --config $CONFIG"
+echo "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE GPU(s), $SUBCOMMAND ${CONFIG_ARGS[*]}"
+STATUS=0
 # shellcheck disable=SC2086  # EXTRA is a list of flags
-srun "$PYTHON" cli.py "$SUBCOMMAND" --config "$CONFIG" \
+srun "$PYTHON" cli.py "$SUBCOMMAND" "${CONFIG_ARGS[@]}" \
     --trainer.accelerator gpu \
     --trainer.num_nodes "$NNODES" \
     --trainer.devices "$GPUS_PER_NODE" \
     --trainer.strategy ddp \
     --trainer.default_root_dir "$ROOT_DIR" \
-    ${RESUME[@]+"${RESUME[@]}"} $EXTRA
+    ${RESUME[@]+"${RESUME[@]}"} $EXTRA || STATUS=$?
+
+# 143: stopped by SIGTERM after writing last.ckpt; 130: Ctrl-C (SIGINT), same; 0: finished
+if [[ "$STATUS" == 143 && "$SUBCOMMAND" == "fit" && -n "${SLURM_JOB_ID:-}" ]]; then
+    echo "interrupted by SIGTERM: requeueing job $SLURM_JOB_ID to resume from the checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$STATUS"

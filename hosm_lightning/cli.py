@@ -1,4 +1,4 @@
-"""LightningCLI: ``fit``/``validate``/``test`` plus ``sample`` and ``likelihood`` subcommands.
+"""LightningCLI: ``fit``/``validate``/``test`` plus the ``sample``, ``likelihood`` and ``diagnose`` subcommands.
 
     python cli.py fit --config configs/mog1d.yaml
     python cli.py test --config configs/mog1d.yaml --ckpt_path runs/mog1d/checkpoints/last.ckpt
@@ -24,19 +24,30 @@ import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from . import data as _data  # noqa: F401  (our DataModules must be imported for `--data` in --help)
+from .checkpoint_io import AtomicCheckpointIO, saved_step
+from .checkpoints import find_resume_point, verify_checkpoint
 from .cli_console import HOSMParser, quiet_library_noise
-from .lit.checkpoints import load_weights, verify_checkpoint
-from .lit.evaluation import LikelihoodEvaluator
-from .lit.fid import FIDCallback
+from .core.settings import find_settings_error
+from .lit.checkpointing import HOSMCheckpoint
 from .lit.module import HOSMModule
-from .lit.trainer import HOSMTrainer, print_likelihood_table as _print_table  # noqa: F401  (re-exported)
+from .lit.progress import HOSMProgressBar
+from .lit.trainer import HOSMTrainer
+from .results import write_results
 
-__all__ = ["HOSMTrainer", "HOSMCLI", "main", "run_cli", "load_weights"]
+__all__ = ["HOSMCLI", "main", "run_cli", "CONFIG_KEYS"]
+
+#: where each settings object sits in the config: an error of ``HOSMObjective.lambda2`` is reported as
+#: ``model.objective.lambda2``, the key the user typed
+CONFIG_KEYS = {"HOSMObjective": "model.objective", "ODEOptions": "model.ode", "FitOptions": "model.fit",
+               "EvalOptions": "model.evaluation"}
 
 
 class _SaveFitConfig(SaveConfigCallback):
@@ -54,13 +65,34 @@ def _show(path) -> str:
     return rel if not rel.startswith("..") else path
 
 
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _default_callbacks_and_plugins(cfg) -> dict:
+    """What every trainer gets unless its config names its own: the atomic checkpoint writer
+    (``AtomicCheckpointIO``), a progress bar that also works in logs (``HOSMProgressBar``, when
+    ``enable_progress_bar`` is on), and a resumable ``HOSMCheckpoint`` (when checkpointing is on)."""
+    out, callbacks, plugins = {}, _as_list(cfg.get("callbacks")), _as_list(cfg.get("plugins"))
+    extra = []
+    if cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        extra.append(HOSMProgressBar())
+    if cfg.get("enable_checkpointing") is not False and not any(isinstance(c, Checkpoint) for c in callbacks):
+        extra.append(HOSMCheckpoint())
+    if extra:
+        out["callbacks"] = callbacks + extra
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        out["plugins"] = plugins + [AtomicCheckpointIO()]
+    return out
+
+
 class HOSMCLI(LightningCLI):
     """LightningCLI with ``sample`` and ``likelihood``; omegaconf parser mode (YAML interpolation).
 
     Checkpoints go to ``<trainer.default_root_dir>/checkpoints`` unless a ModelCheckpoint sets
     ``dirpath``: a fixed place (not inside a logger's ``version_N``) is what lets
     ``fit --ckpt_path last`` find the previous run's ``last.ckpt``. Every checkpoint given to a
-    subcommand is checked by :func:`~hosm_lightning.lit.checkpoints.verify_checkpoint` before
+    subcommand is checked by :func:`~hosm_lightning.checkpoints.verify_checkpoint` before
     Lightning reads it (one-line errors naming the file and the mismatch).
     """
 
@@ -106,6 +138,7 @@ class HOSMCLI(LightningCLI):
         if cfg.get("logger") in (None, True) and "logger" not in kwargs:
             root = cfg.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False)
+        kwargs.update(_default_callbacks_and_plugins(cfg))
         return super().instantiate_trainer(**kwargs)
 
     # -- checkpoints: one check before anything reads them ---------------------------------------
@@ -120,16 +153,24 @@ class HOSMCLI(LightningCLI):
             return
         if ckpt != "last" and last:
             return  # checked already in instantiate_trainer
-        if ckpt == "last":
-            found = []
-            for cb in self.trainer.checkpoint_callbacks:
-                if cb.dirpath and os.path.isdir(cb.dirpath):
-                    found += [os.path.join(cb.dirpath, f) for f in os.listdir(cb.dirpath)
-                              if f.startswith("last") and f.endswith(".ckpt")]
-            if not found:
+        if ckpt == "last":  # the run's newest readable checkpoint, named explicitly for Lightning
+            root = os.path.join(self.trainer.default_root_dir, "checkpoints")
+            point = find_resume_point([cb.dirpath or root for cb in self.trainer.checkpoint_callbacks] or [root])
+            if point is None:
                 return  # Lightning says that there is nothing to resume and starts a new run
-            ckpt = max(found, key=os.path.getmtime)
+            if point.note:
+                rank_zero_info(point.note)
+            ckpt = self.config_init[self.subcommand]["ckpt_path"] = point.path
         verify_checkpoint(self.model, ckpt, for_resume=for_resume)
+
+    def _refuse_finished_run(self) -> None:
+        """Resuming a checkpoint at or past ``trainer.max_steps`` would end at once, training nothing."""
+        ckpt, max_steps = self._ckpt_arg(), self.trainer.max_steps
+        step = saved_step(ckpt) if ckpt not in (None, "last") and os.path.isfile(str(ckpt)) else None
+        if step is not None and 0 < max_steps <= step:
+            raise ValueError(f"{_show(ckpt)} is at step {step} and trainer.max_steps is {max_steps}: nothing is left "
+                             f"to train; raise --trainer.max_steps above {step} to train on, or evaluate the "
+                             "checkpoint with test / likelihood")
 
     def _refuse_second_fresh_fit(self) -> None:
         """A fresh fit into a folder with checkpoints would write last-v1.ckpt beside the old run."""
@@ -149,6 +190,7 @@ class HOSMCLI(LightningCLI):
     def before_fit(self) -> None:
         self._default_checkpoint_dirs()
         self._verify_ckpt(for_resume=True)
+        self._refuse_finished_run()
         self._refuse_second_fresh_fit()
         n = self.trainer.num_sanity_val_steps
         if n and self.model.fit_options.val_likelihood and self.trainer.limit_val_batches != 0:
@@ -161,12 +203,7 @@ class HOSMCLI(LightningCLI):
 
     before_likelihood = before_validate
 
-    def before_test(self) -> None:
-        """``test`` without a configured evaluator still reports the exact NLL / bits/dim (the module's
-        test_step computes nothing: whole-split metrics come from callbacks)."""
-        self.before_validate()
-        if not self.trainer.likelihood_evaluators and not any(isinstance(cb, FIDCallback) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(LikelihoodEvaluator())
+    before_test = before_validate
 
     def before_sample(self) -> None:
         self._verify_ckpt()
@@ -208,7 +245,14 @@ class HOSMCLI(LightningCLI):
     def after_validate(self) -> None:
         self._print_outputs([("metrics (TensorBoard)", d) for d in self._tensorboard_dirs()])
 
-    after_test = after_validate
+    def after_test(self) -> None:
+        """Writes the test likelihood (summary JSON, per-point values) to ``<run folder>/likelihood``."""
+        files = []
+        res = self.model.test_results
+        if res is not None and self.trainer.is_global_zero:
+            files = write_results(res, os.path.join(self.trainer.default_root_dir, "likelihood"))
+        self._print_outputs([(f.name, str(f)) for f in files] + [("metrics (TensorBoard)", d) for d in
+                                                                   self._tensorboard_dirs()])
 
     def after_sample(self) -> None:
         out = getattr(self.trainer, "hosm_out_dir", None)
@@ -264,13 +308,43 @@ def main(args=None, run: bool = True) -> HOSMCLI:
     )
 
 
+def error_message(err: BaseException) -> str:
+    """The one-line message of a user error; a bad settings field is named by its config key."""
+    bad = find_settings_error(err)
+    if bad is not None and bad.owner in CONFIG_KEYS:
+        return f"{CONFIG_KEYS[bad.owner]}.{bad.field} {bad.problem}"
+    return str(bad if bad is not None else err)
+
+
+#: exit status of a run stopped by a signal, after its checkpoint is written: the shell's 128 + signal
+#: number (SIGINT 2, SIGTERM 15), so wrappers tell an interrupted run from a finished (0) or failed one
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def _interrupted(signame: str, code: int) -> None:
+    print(f"hosm-lightning: interrupted by {signame} (exit status {code})", file=sys.stderr)
+    sys.exit(code)
+
+
 def run_cli() -> None:
     """Console entry point: user errors (bad config values, missing data, wrong checkpoint)
-    print one clear line instead of a traceback; set HOSM_DEBUG=1 to see the traceback."""
+    print one clear line instead of a traceback; set HOSM_DEBUG=1 to see the traceback.
+
+    Exit status: 0 finished; 2 bad input; 130 interrupted by Ctrl-C (SIGINT) and 143 by SIGTERM,
+    both after the interrupt checkpoint (``last.ckpt``) is on disk; 1 anything else.
+    """
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if os.environ.get("HOSM_DEBUG"):
             raise
-        print(f"hosm-lightning: error: {err}", file=sys.stderr)
+        print(f"hosm-lightning: error: {error_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:  # Lightning's stop after SIGTERM (a SystemExit with status 0)
+        _interrupted("SIGTERM", EXIT_SIGTERM)
+    except KeyboardInterrupt:
+        _interrupted("SIGINT", EXIT_SIGINT)
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's sys.exit(1) after its Ctrl-C shutdown
+            _interrupted("SIGINT", EXIT_SIGINT)
+        raise

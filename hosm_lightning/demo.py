@@ -17,8 +17,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 from .cli import main
+from .core.stages import Stage
 from .lit.callbacks import DensityPlotCallback
-from .lit.stages import Stage
 
 
 def _stage_ends(stages: list[Stage], max_steps: int) -> list[tuple[int, int, int]]:
@@ -37,7 +37,7 @@ def run(config: str, root: str) -> list[dict]:
         print(f"replacing the previous demo run in {root}")
         shutil.rmtree(root)
     start = time.perf_counter()
-    cli = main(["fit", "--config", config, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"])
+    cli = main(["fit", "--config", config, f"--trainer.default_root_dir={root}"])  # progress: HOSMProgressBar
     train_s = time.perf_counter() - start
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     ckpt_dir = Path(trainer.checkpoint_callback.dirpath)

@@ -1,15 +1,19 @@
-"""Smoke tests of benchmarks/dequantization.py --quick and benchmarks/gpu_check.sh --smoke (CPU)."""
+"""Smoke tests of ``python -m benchmarks.dequantization --quick`` and ``benchmarks/gpu_check.sh --smoke`` (CPU)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
 
+pytestmark = pytest.mark.slow
+
 
 def test_dequantization_quick_runs(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dequantization.py"), "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.dequantization", "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / "dequantization_quick.md").read_text()
@@ -20,6 +24,8 @@ def test_dequantization_quick_runs(tmp_path):
     tn = [r for r in rows if "| discrete |" in r and "truncated normal" in r]
     assert all(abs(float(r.split("|")[9].split("±")[0])) < 0.01 for r in tn), tn
     assert "A toy-trained 3×8×8 model" in text and "| truncated normal | 4 |" in text
+    # progress with an estimate of the time left, as plain lines (stderr is not a terminal here)
+    assert "dequantization: protocol table: 18/18 (100%), " in proc.stderr
 
 
 def test_gpu_check_smoke_runs_on_cpu():

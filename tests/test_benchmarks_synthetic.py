@@ -1,6 +1,7 @@
-"""Smoke tests of benchmarks/synthetic.py and benchmarks/likelihood_speed.py (their --quick modes).
+"""Smoke tests of ``python -m benchmarks.synthetic``, ``benchmarks.likelihood_speed`` and
+``benchmarks.dsm3_weighting`` (their --quick modes).
 
-Each script runs as a subprocess into a temporary results folder; the tests check that the Markdown
+Each benchmark runs as a subprocess into a temporary results folder; the tests check that the Markdown
 tables and figures exist, have the expected rows, and that every NLL is a finite number.
 """
 
@@ -11,12 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["order 1 (control)", "order 1 → 2", "order 1 → 3 (exact)"]
 
+pytestmark = pytest.mark.slow
 
-def _run(script: str, out: Path, timeout: int, *extra: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
+
+def _run(module: str, out: Path, timeout: int, *extra: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -30,7 +35,7 @@ def _rows(text: str, first_cell: str) -> list[list[str]]:
 def test_synthetic_quick(tmp_path):
     """The paper's protocol end to end at toy scale: pre-training, fine-tunes from its checkpoint,
     paired table, diagnostics and the KL identity for the mixtures, figures."""
-    stdout = _run("synthetic.py", tmp_path, 600, "--datasets", "mog1d,gmm2d,checkerboard")
+    stdout = _run("synthetic", tmp_path, 600, "--datasets", "mog1d,gmm2d,checkerboard")
     md = (tmp_path / "synthetic.md").read_text()
     assert md.strip() in stdout  # the same report is printed
     assert "| dataset | method | test NLL ± s.e. | KL (nats) ± s.e. | Δ vs control ± s.e. |" in md
@@ -57,7 +62,7 @@ def test_synthetic_quick(tmp_path):
 
 
 def test_synthetic_sweep_quick(tmp_path):
-    stdout = _run("synthetic.py", tmp_path, 600, "--sweep")
+    stdout = _run("synthetic", tmp_path, 600, "--sweep")
     md = (tmp_path / "sweep.md").read_text()
     assert md.strip() in stdout
     rec = json.loads((tmp_path / "sweep.json").read_text())["recipe"]
@@ -69,7 +74,7 @@ def test_synthetic_sweep_quick(tmp_path):
 
 
 def test_likelihood_speed_quick(tmp_path):
-    stdout = _run("likelihood_speed.py", tmp_path, timeout=180)
+    stdout = _run("likelihood_speed", tmp_path, timeout=180)
     md = (tmp_path / "likelihood_speed.md").read_text()
     assert md.strip() in stdout
     assert "## Head to head at rtol = atol = 1e-5" in md and "## Tolerance sweep" in md
@@ -89,9 +94,9 @@ def test_likelihood_speed_quick(tmp_path):
 
 
 def test_dsm3_weighting_quick(tmp_path):
-    """benchmarks/dsm3_weighting.py at toy scale: every variant trained from the same checkpoint and
+    """benchmarks.dsm3_weighting at toy scale: every variant trained from the same checkpoint and
     evaluated on the same points (a finite KL per row, paired differences where they apply)."""
-    stdout = _run("dsm3_weighting.py", tmp_path, 600)
+    stdout = _run("dsm3_weighting", tmp_path, 600)
     md = (tmp_path / "dsm3_weighting.md").read_text()
     assert md.strip() in stdout
     rows = [r for r in _rows(md, "order")]

@@ -1,108 +1,50 @@
-"""The ODE model's own score and the KL identity (hosm_lightning/core/diagnostics.py), against closed forms."""
+"""Per-noise-level score diagnostics and the KL identity (core/diagnostics.py; docs/design.md §8), against
+closed forms. The ODE model's own score, ``ode_score``, is tested in tests/test_ode.py."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from scipy.integrate import quad
 
-from hosm_lightning.core import VESDE, VPSDE, GaussianMixture, paper_mog1d
-from hosm_lightning.core.diagnostics import REPORT_KEYS, kl_decomposition, ode_score, score_report, sigma_grid
+from hosm_lightning.core import ODEOptions, VESDE, VPSDE, GaussianMixture, paper_mog1d
+from hosm_lightning.core.diagnostics import REPORT_KEYS, kl_decomposition, score_report, sigma_grid, time_proposal
 
 
 def centred(mix: GaussianMixture) -> GaussianMixture:
     """The same mixture shifted to mean 0: then q_T matches the prior π to second order, so the ODE
-    driven by the exact score has p_t^ODE = q_t up to ~1e-4 (with the paper's mixture, whose mean is
-    -0.114, the prior's mean mismatch alone moves ∇log p_t^ODE by ~4e-3 relative at t = 0.9, VE)."""
+    driven by the exact score has p_t^ODE = q_t up to ~1e-4."""
     mean = (mix.weights[:, None] * mix.means).sum(0)
     return GaussianMixture(mix.means - mean, mix.variances, mix.weights)
 
 
-MIX2D = GaussianMixture([[1.0, 0.5], [-1.0, -0.5], [0.0, 0.0]], [[0.05, 0.1], [0.1, 0.05], [0.3, 0.3]], [0.3, 0.3, 0.4])
-
-
-def draw(mix, sde, times, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.tensor(times, dtype=torch.float64).repeat_interleave(n)
-    x0 = mix.sample(len(t), g, dtype=torch.float64)
-    a, s = sde.marginal(t)
-    return a[:, None] * x0 + s[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64), t
-
-
-@pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=["VE", "VP"])
-@pytest.mark.parametrize("mix", [centred(paper_mog1d()), centred(MIX2D)], ids=["1d", "2d"])
-def test_ode_score_of_exact_score_is_the_data_score(sde, mix):
-    times = [1e-3, 0.05, 0.3, 0.8]
-    x, t = draw(mix, sde, times, 30)
-    s_ode, info = ode_score(mix.score_fn(sde), sde, x, t, rtol=1e-7, atol=1e-7)
-    s_q = mix.score(x, t, sde)
-    for tv in times:
-        m = t == tv
-        rel = float((s_ode[m] - s_q[m]).norm() / s_q[m].norm())
-        assert rel <= 1e-3, (tv, rel)
-    assert info["nfe"] > 0
-
-
-def _linear_ode_score_ve(x, t, s0, k, sde):
-    """Gaussian data N(0, s0² I), model s_θ = -k x / v(t), v = s0² + σ(t)²: the VE ODE is linear,
-    x_T = (v_T / v_t)^{k/2} x, so ∇log p_t^ODE(x) = -(v_T / v_t)^k x / σ_max²."""
-    v_t = s0**2 + sde.marginal(t)[1] ** 2
-    v_T = s0**2 + sde.sigma_max**2
-    return -((v_T / v_t) ** k)[:, None] * x / sde.sigma_max**2
-
-
-def _linear_ode_score_vp(x, t, s0, k, sde):
-    """VP: h = (-β/2 + β k / (2 v)) x with v(t) = 1 + a(t)²(s0² - 1); x_T = Φ x with
-    log Φ = ∫_t^T h/x dτ (scipy quadrature), π = N(0, I): ∇log p_t^ODE(x) = -Φ² x."""
-    def rate(tau):
-        tt = torch.tensor([tau], dtype=torch.float64)
-        beta = float(sde.beta(tt))
-        a = float(sde.marginal(tt)[0])
-        return -0.5 * beta + 0.5 * beta * k / (1 + a * a * (s0**2 - 1))
-
-    phi = torch.tensor([math.exp(quad(rate, float(tv), sde.T, epsabs=1e-12, epsrel=1e-12)[0]) for tv in t],
-                       dtype=torch.float64)
-    return -(phi**2)[:, None] * x
-
-
-@pytest.mark.parametrize("sde,closed", [(VESDE(), _linear_ode_score_ve), (VPSDE(), _linear_ode_score_vp)],
-                         ids=["VE", "VP"])
-def test_ode_score_closed_form_linear_model(sde, closed):
-    """A wrong-scale linear score: s_θ ≠ ∇log p^ODE ≠ ∇log q, all three analytic."""
-    s0, k = 0.7, 0.8
-    g = torch.Generator().manual_seed(1)
-    t = torch.tensor([1e-3, 0.02, 0.2, 0.6, 0.95], dtype=torch.float64).repeat_interleave(4)
-    x = torch.randn(len(t), 2, generator=g, dtype=torch.float64)
-
-    def v_of(tt):
-        a, sig = sde.marginal(tt)
-        return a * a * s0**2 + sig * sig
-
-    def score_fn(xx, tt):
-        return -k * xx / v_of(tt)[:, None]
-
-    s_ode, _ = ode_score(score_fn, sde, x, t, rtol=1e-8, atol=1e-8)
-    expected = closed(x, t, s0, k, sde)
-    s_theta, s_q = score_fn(x, t), -x / v_of(t)[:, None]
-    assert torch.allclose(s_ode, expected, rtol=1e-4, atol=1e-6), (s_ode - expected).abs().max()
-    # the three scores really differ (the test could not pass with s_ODE = s_θ or = ∇log q)
-    small_t = t < 0.5
-    assert ((s_ode - s_theta)[small_t].norm() / s_theta[small_t].norm()) > 0.05
-    assert ((s_ode - s_q)[small_t].norm() / s_q[small_t].norm()) > 0.05
-
-
+@pytest.mark.slow
 def test_score_report_of_exact_score_is_zero():
     sde, mix = VESDE(), centred(paper_mog1d())
     times = sigma_grid(sde, 1e-3, 4)
     rep = score_report(mix.score_fn(sde), sde, mix, times=times, n=40, generator=torch.Generator().manual_seed(0),
-                       dtype=torch.float64, rtol=1e-7, atol=1e-7)
+                       dtype=torch.float64, ode=ODEOptions(rtol=1e-7, atol=1e-7))
     scale = [g2 * (1.0 / max(s, 0.05) ** 2) for g2, s in zip(rep["g2"], rep["sigma"])]  # ~E g²‖∇log q‖²
     assert rep["first_order"] == pytest.approx([0.0] * 4, abs=1e-12)
     for key in ("self_gap", "fisher", "kl_integrand"):
         assert all(abs(v) <= 1e-5 * sc for v, sc in zip(rep[key], scale)), (key, rep[key])
-    assert set(REPORT_KEYS) <= set(rep) and len(rep["t"]) == 4
+    assert set(REPORT_KEYS) <= set(rep) and len(rep["t"]) == 4 and rep["n"] == 40
+    assert all(len(rep[k + "_se"]) == 4 for k in REPORT_KEYS)
+    torch.testing.assert_close(torch.tensor(rep["sigma"], dtype=torch.float64), sde.marginal(times)[1])
+
+
+@pytest.mark.slow
+def test_score_report_of_a_wrong_score_measures_its_error():
+    """s_θ = ∇log q + c: first_order = g² D c² exactly (zero standard error), and the other curves are not zero."""
+    sde, mix = VPSDE(), centred(paper_mog1d())
+    shift = 0.3
+    score_fn = lambda x, t: mix.score_fn(sde)(x, t) + shift  # noqa: E731
+    times = [0.05, 0.5]
+    rep = score_report(score_fn, sde, mix, times=times, n=20, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64, ode=ODEOptions(rtol=1e-6, atol=1e-6))
+    g2 = sde.g2(torch.tensor(times, dtype=torch.float64))
+    assert rep["first_order"] == pytest.approx((g2 * shift**2).tolist(), rel=1e-9)
+    assert rep["first_order_se"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert all(v > 1e-3 * f for v, f in zip(rep["fisher"], rep["first_order"]))
 
 
 def test_sigma_grid_is_log_spaced_in_sigma():
@@ -112,26 +54,54 @@ def test_sigma_grid_is_log_spaced_in_sigma():
     steps = log_s[1:] - log_s[:-1]
     assert torch.allclose(steps, steps.mean().expand(4), rtol=0.02)
     assert float(ts[0]) == pytest.approx(1e-3, rel=1e-3) and float(ts[-1]) == pytest.approx(1.0, abs=1e-3)
+    # VE: log σ is linear in t, so the grid is equally spaced in t
+    ve = sigma_grid(VESDE(), 0.1, 4)
+    torch.testing.assert_close(ve, torch.linspace(0.1, 1.0, 4, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=["VE", "VP"])
+def test_time_proposal_integrates_over_eps_T(sde):
+    """t(u) with the weight 1/p(t): stratified u gives ∫_eps^T f dt for f = 1 and f = t, and the weight
+    is (T − eps) for VE (uniform) and ∝ σ²/g² where the SDE has the importance sampler."""
+    eps, n = 1e-3, 20_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    t, inv_p = time_proposal(sde, u, eps)
+    assert t.min() >= eps and t.max() <= sde.T and bool((t[1:] >= t[:-1]).all())
+    assert float((inv_p).mean()) == pytest.approx(sde.T - eps, rel=2e-3)
+    assert float((t * inv_p).mean()) == pytest.approx((sde.T**2 - eps**2) / 2, rel=2e-3)
+    if sde.has_importance_sampler:
+        _, sigma = sde.marginal(t)
+        ratio = inv_p * sde.g2(t) / sigma**2  # constant: the proposal is ∝ g²/σ²
+        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-9, atol=0)
+        assert float(t.median()) < 0.5 * (sde.T + eps)  # and it is not uniform
+    else:
+        torch.testing.assert_close(inv_p, torch.full_like(u, sde.T - eps), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=["VE", "VP"])
+@pytest.mark.slow
 def test_kl_identity_with_a_wrong_model(sde):
     """KL(q_eps‖p_eps^ODE) from the ODE likelihood equals KL(q_T‖π) + ½∫ g² E[(s_θ-∇q)ᵀ(∇log p^ODE-∇q)] dt
     (eq. 8.1) for a model that is wrong everywhere: the exact score of a mixture with other weights
     and wider components. Within 3 combined standard errors, and the errors are small enough to matter."""
     data = paper_mog1d()
     model = GaussianMixture(data.means, data.variances * 1.6, [0.4, 0.2, 0.4])
-    out = kl_decomposition(model.score_fn(sde), sde, data, n=6000, eps=1e-3 if isinstance(sde, VPSDE) else 1e-5,
-                           generator=torch.Generator().manual_seed(3), dtype=torch.float64, rtol=1e-6, atol=1e-6)
+    eps = 1e-3 if isinstance(sde, VPSDE) else 1e-5
+    out = kl_decomposition(model.score_fn(sde), sde, data, n=6000, generator=torch.Generator().manual_seed(3),
+                           dtype=torch.float64, ode=ODEOptions(eps=eps, rtol=1e-6, atol=1e-6))
     assert out["kl_ode"] > 0.05  # the model is measurably wrong
     assert abs(out["diff"]) <= 3 * out["diff_se"], out
     assert out["diff_se"] <= 0.1 * out["kl_ode"], out
+    assert out["kl_scores"] == pytest.approx(out["kl_prior"] + out["kl_integral"], rel=1e-12)
 
 
-def test_ode_score_rejects_bad_times():
-    sde = VESDE()
-    x = torch.zeros(3, 1)
-    with pytest.raises(ValueError, match="t must"):
-        ode_score(lambda x, t: -x, sde, x, torch.zeros(2))
-    with pytest.raises(ValueError, match="t must lie"):
-        ode_score(lambda x, t: -x, sde, x, 0.0)
+def test_kl_decomposition_takes_eps_from_the_ode_options():
+    """The likelihood side starts at ode.eps: a different eps changes KL(q_eps‖p_eps^ODE)."""
+    data = paper_mog1d()
+    model = GaussianMixture(data.means, data.variances * 1.6, [0.4, 0.2, 0.4])
+    sde, kw = VESDE(), dict(n=200, dtype=torch.float64)
+    ode = ODEOptions(rtol=1e-4, atol=1e-4)
+    small = kl_decomposition(model.score_fn(sde), sde, data, generator=torch.Generator().manual_seed(4), ode=ode, **kw)
+    large = kl_decomposition(model.score_fn(sde), sde, data, generator=torch.Generator().manual_seed(4),
+                             ode=ode.replace(eps=0.3), **kw)
+    assert large["kl_ode"] < 0.5 * small["kl_ode"]  # at σ(0.3) ≈ 0.13 both densities are much smoother

@@ -1,6 +1,6 @@
-"""Toy score net and the score parameterisation wrapper (docs/design.md §2, §5, §6)."""
+"""Score networks: the toy MLP, the calling convention ``net(x, t, sigma)`` of every ScoreNet, and the
+score parameterisation wrapper ScoreModel (docs/design.md §2, §5, §6). The U-Nets are in test_unets.py."""
 
-import inspect
 import math
 
 import pytest
@@ -8,8 +8,18 @@ import torch
 from torch import nn
 
 import hosm_lightning.nets  # noqa: F401 - registers every ScoreNet subclass
+from helpers import tiny_net
 from hosm_lightning.core import SubVPSDE, VESDE, VPSDE
-from hosm_lightning.nets import ScoreModel, ScoreNet, SinusoidalEmbedding, SmallConvNet, ToyScoreNet
+from hosm_lightning.nets import DDPMpp, NCSNpp, ScoreModel, ScoreNet, SinusoidalEmbedding, SmallConvNet, ToyScoreNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, busy CPU, OpenMP spinning makes these small nets 5-10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _n_params(m: nn.Module) -> int:
@@ -26,6 +36,8 @@ def test_toy_net_shapes_and_param_count(dim, expected):
     assert out.shape == (7, dim) and out.dtype == torch.float32
     # a scalar time is broadcast over the batch
     assert torch.allclose(net(torch.ones(3, dim), 0.5), net(torch.ones(3, dim), torch.full((3,), 0.5)))
+    with pytest.raises(ValueError, match="dim"):
+        ToyScoreNet(dim=0)
 
 
 def test_sinusoidal_embedding_formula():
@@ -40,6 +52,59 @@ def test_sinusoidal_embedding_formula():
     assert freqs[0] == 1 and torch.isclose(freqs[-1], torch.tensor(1e-4, dtype=torch.float64))
 
 
+# ------------------------------------------------------------------------------------------------
+# the calling convention of every network: net(x, t, sigma=None), sigma = σ(t) of the SDE
+# ------------------------------------------------------------------------------------------------
+TINY_UNET = dict(image_size=8, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+#: every ScoreNet of the package at test size: (constructor, sample shape, what it conditions on)
+EVERY_NET = {
+    "ToyScoreNet": (lambda: tiny_net(2), (2,), "t"),
+    "SmallConvNet": (lambda: SmallConvNet(image_size=8, channels=8, depth=1), (3, 8, 8), "t"),
+    "DDPMpp": (lambda: DDPMpp(**TINY_UNET), (3, 8, 8), "t"),
+    "NCSNpp": (lambda: NCSNpp(**TINY_UNET), (3, 8, 8), "sigma"),
+}
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def test_every_score_net_is_covered_by_the_calling_convention_test():
+    nets = {c.__name__ for c in _all_subclasses(ScoreNet) if c.__module__.startswith("hosm_lightning.nets")}
+    assert nets == set(EVERY_NET)
+
+
+@pytest.mark.parametrize("name", list(EVERY_NET))
+def test_every_score_net_follows_the_calling_convention(name):
+    """net(x, t, sigma) positionally or by keyword, output of x's shape; a t-conditioned net ignores
+    sigma (so net(x, t) works), a σ-conditioned one follows it and refuses to run without it."""
+    make, shape, conditioning = EVERY_NET[name]
+    torch.manual_seed(0)
+    net = make().eval()
+    with torch.no_grad():  # the U-Nets' zero-initialised output convs would make every output 0
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, *shape), torch.tensor([0.1, 0.5, 0.9])
+    sigma = VESDE().marginal(t)[1]
+    out = net(x, t, sigma)
+    assert out.shape == x.shape and torch.isfinite(out).all() and net.dim == math.prod(shape)
+    assert torch.equal(net(x, t, sigma=sigma), out)
+    other = torch.tensor([5.0, 0.1, 2.0])
+    if conditioning == "t":
+        assert torch.equal(net(x, t, other), out)
+        assert torch.equal(net(x, t), out) and torch.equal(net(x, t, sigma=None), out)
+    else:
+        assert not torch.allclose(net(x, t, other), out)
+        torch.testing.assert_close(net(x, t, 0.5), net(x, t, torch.full((3,), 0.5)))  # a scalar σ broadcasts
+        with pytest.raises(ValueError, match="sigma"):
+            net(x, t)
+
+
+# ------------------------------------------------------------------------------------------------
+# ScoreModel: the score from the net's output, σ(t) handed to the net
+# ------------------------------------------------------------------------------------------------
 class TinyConv(nn.Module):
     """A per-sample image net: conv + time-dependent bias."""
 
@@ -63,8 +128,7 @@ def test_score_model_eps_on_images(sde):
 
 
 def test_score_model_per_sample_and_jvp():
-    torch.manual_seed(0)
-    model = ScoreModel(ToyScoreNet(dim=2), VESDE())
+    model = ScoreModel(tiny_net(2), VESDE())
     x, t, v = torch.randn(5, 2), torch.rand(5), torch.randn(5, 2)
     # batch independence: evaluating one sample alone gives the same result
     assert torch.allclose(model(x, t)[2:3], model(x[2:3], t[2:3]), atol=1e-6)
@@ -77,12 +141,9 @@ def test_score_model_per_sample_and_jvp():
 
 def test_score_model_bad_parameterization():
     with pytest.raises(ValueError, match="'x0'"):
-        ScoreModel(ToyScoreNet(), VPSDE(), parameterization="x0")
+        ScoreModel(tiny_net(1), VPSDE(), parameterization="x0")
 
 
-# ------------------------------------------------------------------------------------------------
-# the calling convention net(x, t, sigma): ScoreModel hands the net σ(t) = sde.marginal(t)[1]
-# ------------------------------------------------------------------------------------------------
 class RecordingNet(ScoreNet):
     """Records the (t, sigma) it is called with; output x·σ + t, so σ reaches the result."""
 
@@ -138,29 +199,3 @@ def test_score_model_sigma_is_differentiable_and_per_sample():
     (g,) = torch.autograd.grad(model(x, tt).sum(), tt, create_graph=True)
     (g2,) = torch.autograd.grad(g.sum(), tt)
     torch.testing.assert_close(g2, x.sum(1) * sigma * math.log(5000.0) ** 2)
-
-
-def _all_subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _all_subclasses(sub)
-
-
-def test_every_score_net_accepts_sigma_none():
-    nets = {c for c in _all_subclasses(ScoreNet) if c.__module__.startswith("hosm_lightning.nets")}
-    assert {"ToyScoreNet", "SmallConvNet", "DDPMpp", "NCSNpp"} <= {c.__name__ for c in nets}
-    for cls in nets | {ScoreNet}:
-        params = inspect.signature(cls.forward).parameters
-        assert list(params)[:4] == ["self", "x", "t", "sigma"], cls
-        assert params["sigma"].default is None, cls
-
-
-@pytest.mark.parametrize("make", [lambda: ToyScoreNet(dim=2), lambda: SmallConvNet(image_size=8, channels=8, depth=1)],
-                         ids=["toy", "conv"])
-def test_t_conditioned_nets_ignore_sigma(make):
-    torch.manual_seed(0)
-    net = make()
-    x = torch.randn(3, 2) if net.dim == 2 else torch.randn(3, 3, 8, 8)
-    t = torch.rand(3)
-    assert torch.equal(net(x, t), net(x, t, torch.tensor([5.0, 0.1, 2.0])))
-    assert torch.equal(net(x, t), net(x, t, sigma=None))

@@ -1,141 +1,415 @@
-"""HOSMObjective, DSMTerms and the split steps of the DSM objective (docs/design.md §3, eqs. 3.1-3.5)."""
+"""The training objective, ``HOSMObjective`` (core/objective.py) on the equations of core/dsm.py
+(docs/design.md §3, eqs. 3.1-3.5).
+
+Every term and its θ-gradients equal the one reference implementation of the DSM equations,
+tests/reference.py ``dsm_terms``; then: stationarity at the true score, exact against Hutchinson
+estimates, the draws (t, then z, then the probe v), the per-sample loss (3.5), the settings and their
+validation, precision under autocast, image-shaped data, importance-sampled times and bad inputs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Mapping
 
 import pytest
 import torch
 
-from hosm_lightning.core import DSMTerms, GaussianMixture, HOSMObjective, SubVPSDE, VESDE, VPSDE, dsm_losses, perturb
-from hosm_lightning.core.losses import (
-    c_vector, dsm1, dsm2_exact, dsm2_hutchinson, dsm3, dsm3_residual_exact, dsm3_residual_hutchinson,
-    score_derivatives,
-)
+from hosm_lightning.core import GaussianMixture, HOSMObjective, SettingsError, SubVPSDE, VESDE, VPSDE, paper_mog1d
+from hosm_lightning.core.dsm import ExactJacobian, ProbeProducts, c_vector, dsm1, dsm3, perturb, score_derivatives
+from hosm_lightning.nets import ScoreModel, SmallConvNet
+
+from reference import dsm_terms
 
 MIX = GaussianMixture(
     means=[[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]],
     variances=[[0.1, 0.2], [0.05, 0.3], [0.2, 0.2]],
     weights=[0.3, 0.3, 0.4],
 )
+ESTIMATORS = [("exact", "jvp"), ("hutchinson", "jvp"), ("hutchinson", "vjp")]
+ESTIMATOR_IDS = ["exact", "hutchinson-jvp", "hutchinson-vjp"]
 
 
-def _toy_net(d=2, seed=0):
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(d + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, d))
-    return net, lambda x, t: net(torch.cat([x, t[:, None]], 1))
+def _probe(shape, g, dtype=torch.float64):
+    return torch.randint(0, 2, shape, generator=g).to(dtype) * 2 - 1
 
 
-def _assert_same(a, b):
-    """Exact equality of two DSMTerms: same keys, same values, same info."""
-    assert set(a) == set(b) and set(a.info) == set(b.info)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    for k in a.info:
-        assert torch.equal(a.info[k], b.info[k]), k
+def _draws(n, seed=1, dtype=torch.float64, t_max=0.5):
+    """Data from MIX, times in [0.01, 0.01 + t_max], noise and a Rademacher probe, all [n, ...]."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = MIX.sample(n, g, dtype=dtype)
+    t = torch.rand(n, generator=g, dtype=dtype) * t_max + 0.01
+    return x0, t, torch.randn(n, 2, generator=g, dtype=dtype), _probe((n, 2), g, dtype)
 
 
-# -- HOSMObjective -----------------------------------------------------------------------------------
-SETTINGS = [
-    (1, {}),
-    (2, {"divergence": "exact", "dsm2_form": "trace"}),
-    (3, {"divergence": "hutchinson", "probe_product": "vjp", "eps": 0.01}),
-    (3, {"divergence": "auto", "importance_sampling": True, "dsm2_form": "frobenius"}),
+def _grads(value, params):
+    out = torch.autograd.grad(value.sum(), params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out)]
+
+
+# -- every term against the reference ---------------------------------------------------------------
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["VP", "VE"])
+@pytest.mark.parametrize("divergence,product", ESTIMATORS, ids=ESTIMATOR_IDS)
+def test_terms_and_parameter_gradients_equal_the_reference(make_net, sde, divergence, product):
+    """Values and θ-gradients of dsm1, dsm2, dsm3 equal tests/reference.py: this pins down which factors
+    are stop-gradient (only J in dsm2 and σ³∇tr J in dsm3 carry gradient). ``vjp`` estimates with Jᵀ."""
+    net = make_net(2, seed=3).double()
+    score_fn = ScoreModel(net, sde)
+    x0, t, z, v = _draws(32)
+    hutchinson = divergence == "hutchinson"
+    _, terms = HOSMObjective(divergence=divergence, probe_product=product)(score_fn, sde, x0, 3, t=t, z=z, v=v)
+    ref = dsm_terms(score_fn, x0, sde, t, z, v if hutchinson else None, transpose=product == "vjp")
+    params = list(net.parameters())
+    assert set(terms.terms()) == set(ref) == {"dsm1", "dsm2", "dsm3"}
+    for k, ours in terms.terms().items():
+        assert ours.shape == (32,) and ref[k].abs().min() > 1e-10, k  # no vacuous zero terms
+        torch.testing.assert_close(ours, ref[k], rtol=1e-9, atol=1e-12)
+        for a, b in zip(_grads(ours, params), _grads(ref[k], params)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    # lower orders compute the same terms from the same draws
+    for order in (1, 2):
+        _, low = HOSMObjective(divergence=divergence, probe_product=product)(score_fn, sde, x0, order, t=t, z=z, v=v)
+        assert set(low.terms()) == {f"dsm{k}" for k in range(1, order + 1)}
+        for k, value in low.terms().items():
+            torch.testing.assert_close(value, ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_vjp_estimates_with_the_transposed_jacobian(make_net):
+    """The network's J is not symmetric, so J v and Jᵀ v estimates differ: the test above could not
+    pass with the two products swapped."""
+    sde = VPSDE()
+    score_fn = ScoreModel(make_net(2, seed=3).double(), sde)
+    x0, t, z, v = _draws(32)
+    jvp = HOSMObjective(divergence="hutchinson")(score_fn, sde, x0, 3, t=t, z=z, v=v)[1]
+    vjp = HOSMObjective(divergence="hutchinson", probe_product="vjp")(score_fn, sde, x0, 3, t=t, z=z, v=v)[1]
+    assert torch.equal(jvp.dsm1, vjp.dsm1) and torch.equal(jvp.dsm2_tr, vjp.dsm2_tr)  # vᵀJv = vᵀJᵀv
+    assert (jvp.dsm2_fro - vjp.dsm2_fro).abs().max() > 1e-6 and (jvp.dsm3 - vjp.dsm3).abs().max() > 1e-6
+
+
+def test_image_shaped_terms_equal_the_reference_on_flat_data():
+    """[B, C, H, W] data: the terms are those of the flattened data (D = C·H·W) with the flattened probe."""
+    torch.manual_seed(0)
+    sde, shape = VPSDE(), (1, 4, 4)
+    score_fn = ScoreModel(SmallConvNet(image_channels=1, image_size=4, channels=8, depth=1).double(), sde)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(3, *shape, generator=g, dtype=torch.float64) * 2 - 1
+    t, z, v = torch.rand(3, generator=g, dtype=torch.float64) * 0.5 + 0.05, torch.randn(x0.shape, generator=g,
+                                                                                       dtype=torch.float64), _probe(x0.shape, g)
+    _, terms = HOSMObjective()(score_fn, sde, x0, 3, t=t, z=z, v=v)  # 'auto': Hutchinson for D = 16
+    flat_fn = lambda x, tt: score_fn(x.reshape(-1, *shape), tt).flatten(1)  # noqa: E731
+    ref = dsm_terms(flat_fn, x0.flatten(1), sde, t, z.flatten(1), v.flatten(1))
+    assert terms.r.shape == (3, 16)
+    for k, ours in terms.terms().items():
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, ref[k], rtol=1e-9, atol=1e-12)
+    # order 1 evaluates the score on the image-shaped x_t itself
+    loss, first = HOSMObjective()(score_fn, sde, x0, 1, t=t, z=z)
+    assert set(first.terms()) == {"dsm1"} and loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref["dsm1"], rtol=1e-9, atol=1e-12)
+
+
+# -- stationarity at the true score -----------------------------------------------------------------
+def _theta_grads(mix, sde, theta0, divergence, product, n, seed=0):
+    """d E[dsm_k] / d θ at θ0 for k = 1, 2, 3: {term: (mean, standard error)} over n samples.
+
+    The score is exact plus θ h(x, t) / σ(t), a smooth perturbation on the ε scale of a net, with one
+    θ_i per sample: the gradient with respect to θ_i is sample i's own, so one batch gives the mean and
+    its standard error."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = mix.sample(n, g)
+    theta = torch.full((n,), theta0, requires_grad=True)
+
+    def score_fn(x, t):
+        h = torch.sin(3 * x) + 0.5 * x.flip(-1) * t[:, None]
+        return mix.score(x, t, sde) + theta[:, None] * h / sde.marginal(t)[1][:, None]
+
+    _, terms = HOSMObjective(divergence=divergence, probe_product=product)(score_fn, sde, x0, 3, g)
+    out = {}
+    for k, value in terms.terms().items():
+        (grad,) = torch.autograd.grad(value.sum(), theta, retain_graph=True)
+        out[k] = (grad.mean().item(), grad.std().item() / n**0.5)
+    return out
+
+
+STATIONARY_CASES = [  # the 1-D case needs more samples for the same power at θ = 0.3
+    (paper_mog1d(), VESDE(), "exact", "jvp", 20_000),
+    (MIX, VPSDE(), "exact", "jvp", 5_000),
+    (MIX, VPSDE(), "hutchinson", "jvp", 5_000),
+    (MIX, VPSDE(), "hutchinson", "vjp", 5_000),
 ]
 
 
-@pytest.mark.parametrize("order,fields", SETTINGS)
-def test_call_equals_dsm_losses_with_the_same_settings(order, fields):
-    _, score_fn = _toy_net()
+@pytest.mark.parametrize("mix,sde,divergence,product,n", STATIONARY_CASES,
+                         ids=["mog1d-ve-exact", "mix2d-vp-exact", "mix2d-vp-hutchinson", "mix2d-vp-hutchinson-vjp"])
+def test_terms_are_stationary_at_the_true_score(mix, sde, divergence, product, n):
+    """At θ = 0 the score is exact: E[d dsm_k/dθ] = 0 for every order k. At θ = 0.3 it is clearly not.
+
+    Catches sign and stop-gradient mistakes (a c that carries gradient, a wrong sign in r).
+    """
+    at_truth = _theta_grads(mix, sde, 0.0, divergence, product, n)
+    away = _theta_grads(mix, sde, 0.3, divergence, product, n)
+    assert set(at_truth) == {"dsm1", "dsm2", "dsm3"}
+    for k, (mean0, se0) in at_truth.items():
+        assert abs(mean0) < 4 * se0, f"{k}: gradient at the truth {mean0:.3g} ± {se0:.3g} is not ~0"
+        mean1, se1 = away[k]
+        assert abs(mean1) > 8 * se1, f"{k}: gradient at theta=0.3 {mean1:.3g} ± {se1:.3g} too small"
+
+
+# -- exact against Hutchinson -----------------------------------------------------------------------
+def test_exact_and_hutchinson_identical_in_1d(make_net):
+    """D = 1: v = ±1, so every probe estimate equals its exact value."""
+    sde = VESDE()
+    score_fn = ScoreModel(make_net(1), sde)
+    x0 = paper_mog1d().sample(64, torch.Generator().manual_seed(1))
+    _, a = HOSMObjective(divergence="exact")(score_fn, sde, x0, 3, torch.Generator().manual_seed(2))
+    _, b = HOSMObjective(divergence="hutchinson")(score_fn, sde, x0, 3, torch.Generator().manual_seed(2))
+    for k in ("dsm1", "dsm2", "dsm3"):
+        torch.testing.assert_close(a.terms()[k], b.terms()[k], rtol=1e-4, atol=1e-6)
+
+
+def test_exact_and_hutchinson_agree_in_expectation_2d(make_net):
+    """D = 2 with fixed (t, z): averaging probes reproduces the exact Frobenius term and residual r;
+    the squared trace estimate has the known bias (A₁₂ + A₂₁)² / D² of Rademacher probes."""
+    sde, n_pts, n_probe = VPSDE(), 4, 6000
+    score_fn = ScoreModel(make_net(2), sde)
+    g = torch.Generator().manual_seed(0)
+    x0 = MIX.sample(n_pts, g)
+    t = torch.tensor([0.05, 0.2, 0.5, 0.9])
+    z = torch.randn(n_pts, 2, generator=g)
+    _, exact = HOSMObjective(divergence="exact")(score_fn, sde, x0, 3, t=t, z=z)
+    rep = lambda a: a.repeat_interleave(n_probe, 0)  # noqa: E731
+    _, hut = HOSMObjective(divergence="hutchinson")(score_fn, sde, rep(x0), 3, g, t=rep(t), z=rep(z))
+
+    def mean_se(a):
+        a = a.reshape(n_pts, n_probe, *a.shape[1:])
+        return a.mean(1), a.std(1) / n_probe**0.5
+
+    m, se = mean_se(hut.dsm2_fro)
+    assert ((m - exact.dsm2_fro).abs() < 4 * se + 1e-6).all()
+    m, se = mean_se(hut.r)
+    assert ((m - exact.r).abs() < 4 * se + 1e-5).all()
+    # dsm1 has no probe: identical
+    torch.testing.assert_close(hut.dsm1.reshape(n_pts, n_probe)[:, 0], exact.dsm1)
+    # trace form: E_v[(vᵀAv)²] = (tr A)² + (A12 + A21)², A = σ²J + I − c cᵀ
+    a, sigma = sde.marginal(t)
+    xt = (a[:, None] * x0 + sigma[:, None] * z).requires_grad_(True)
+    s = score_fn(xt, t)
+    jac = torch.stack([torch.autograd.grad(s[:, i].sum(), xt, retain_graph=True)[0] for i in range(2)], 1)
+    c = z + sigma[:, None] * s.detach()
+    amat = sigma[:, None, None] ** 2 * jac + torch.eye(2) - c[:, :, None] * c[:, None, :]
+    expected = exact.dsm2_tr + ((amat[:, 0, 1] + amat[:, 1, 0]) / 2) ** 2
+    m, se = mean_se(hut.dsm2_tr)
+    assert ((m - expected).abs() < 4 * se + 1e-6).all()
+    assert (expected > exact.dsm2_tr).all()  # the bias is real, so the check above is not vacuous
+
+
+def test_auto_divergence_is_exact_up_to_four_dimensions(make_net):
+    sde, g = VPSDE(), lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    for d, same_as in ((2, "exact"), (4, "exact"), (5, "hutchinson")):
+        score_fn = ScoreModel(make_net(d), sde)
+        x0 = torch.randn(8, d, generator=torch.Generator().manual_seed(0))
+        _, auto = HOSMObjective()(score_fn, sde, x0, 3, g())
+        for divergence in ("exact", "hutchinson"):
+            _, other = HOSMObjective(divergence=divergence)(score_fn, sde, x0, 3, g())
+            same = all(torch.equal(auto.terms()[k], other.terms()[k]) for k in ("dsm2", "dsm3"))
+            assert same == (divergence == same_as), (d, divergence)
+
+
+# -- draws -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("importance", [False, True])
+def test_draws_are_t_then_z_then_the_probe(make_net, importance):
     sde = VPSDE()
+    score_fn = ScoreModel(make_net(2).double(), sde)
+    x0 = MIX.sample(8, torch.Generator().manual_seed(0), dtype=torch.float64)
+    objective = HOSMObjective(divergence="hutchinson", eps=1e-3, importance_sampling=importance)
+    loss, drawn = objective(score_fn, sde, x0, 3, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = sde.sample_t(8, 1e-3, generator=g, importance=importance)
+    z = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    v = _probe(x0.shape, g)
+    pre_loss, given = objective(score_fn, sde, x0, 3, t=t, z=z, v=v)
+    assert torch.equal(drawn.t, t.double()) and torch.equal(given.t, t.double())
+    assert torch.equal(loss, pre_loss)
+    for k in ("dsm1", "dsm2", "dsm3", "dsm2_fro", "dsm2_tr", "r"):
+        assert torch.equal(getattr(drawn, k), getattr(given, k)), k
+    # pre-drawn t and z skip their draws: the generator's first draw is then the probe
+    _, probe_only = objective(score_fn, sde, x0, 3, torch.Generator().manual_seed(7), t=t, z=z)
+    ref = dsm_terms(score_fn, x0, sde, t.double(), z, _probe(x0.shape, torch.Generator().manual_seed(7)))
+    for k, value in probe_only.terms().items():
+        torch.testing.assert_close(value, ref[k], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(probe_only.dsm2, given.dsm2)
+
+
+def test_perturb_is_a_x0_plus_sigma_z():
+    sde = VPSDE()
+    x0 = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    t = torch.tensor([1e-5, 0.3, 1.0])
+    z = torch.randn(x0.shape, dtype=torch.float64)
+    p = perturb(x0, sde, t, z)
+    a, sigma = sde.marginal(t.double())
+    assert p.t.dtype == torch.float64 and torch.equal(p.sigma, sigma) and torch.equal(p.mean_coef, a)
+    torch.testing.assert_close(p.xt, a.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * z, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_the_steps_of_core_dsm_compose_to_the_objective(make_net, divergence):
+    """perturb → score_derivatives → c_vector → the terms' own dsm2 / residual → dsm1, dsm3 is the objective."""
+    sde = VESDE()
+    score_fn = ScoreModel(make_net(2).double(), sde)
+    x0, t, z, v = _draws(6, seed=5)
+    p = perturb(x0, sde, t, z)
+    der = score_derivatives(score_fn, p, 3, divergence, v=v)
+    assert isinstance(der, ExactJacobian if divergence == "exact" else ProbeProducts)
+    c = c_vector(der.s, p.z, p.sigma)
+    fro, tr = der.dsm2(c, p.sigma)
+    _, terms = HOSMObjective(divergence=divergence, dsm2_form="both")(score_fn, sde, x0, 3, t=t, z=z, v=v)
+    assert torch.equal(dsm1(der.s, p.z, p.sigma), terms.dsm1)
+    assert torch.equal(fro + tr, terms.dsm2)
+    assert torch.equal(dsm3(der.residual(c, p.sigma)), terms.dsm3)
+
+
+# -- the loss (3.5) and the terms' record ------------------------------------------------------------
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("lambda2,lambda3", [(0.5, 0.1), (0.0, 2.0)])
+def test_loss_is_eq_3_5_per_sample(make_net, order, lambda2, lambda3):
+    sde = VPSDE()
+    score_fn = ScoreModel(make_net(2), sde)
     x0 = MIX.sample(16, torch.Generator().manual_seed(0))
-    objective = HOSMObjective(lambda2=0.5, lambda3=0.1, **fields)
-    ours = objective(score_fn, sde, x0, order, torch.Generator().manual_seed(1))
-    ref = dsm_losses(
-        score_fn, x0, sde, order=order, eps=fields.get("eps", sde.default_eps), generator=torch.Generator().manual_seed(1),
-        divergence=fields.get("divergence", "auto"), dsm2_form=fields.get("dsm2_form", "both"),
-        importance=fields.get("importance_sampling", False), probe_product=fields.get("probe_product", "jvp"),
-    )
-    assert isinstance(ours, DSMTerms)
-    _assert_same(ours, ref)
+    loss, terms = HOSMObjective(lambda2=lambda2, lambda3=lambda3)(score_fn, sde, x0, order,
+                                                                  torch.Generator().manual_seed(1))
+    expected = terms.dsm1.clone()
+    if order >= 2:
+        expected = expected + lambda2 * terms.dsm2
+    if order == 3:
+        expected = expected + lambda3 * terms.dsm3
+    assert loss.shape == (16,) and loss.requires_grad
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert (terms.dsm2 is None) == (order < 2) and (terms.dsm3 is None) == (order < 3)
+    if lambda2 > 0 and order >= 2 or order == 3:  # the weighted terms really are there
+        assert (loss > terms.dsm1).all()
 
 
-def test_call_passes_pre_drawn_t_z_v():
-    _, score_fn = _toy_net()
-    g = torch.Generator().manual_seed(3)
-    x0 = MIX.sample(8, g)
-    t, z = torch.rand(8, generator=g) * 0.9 + 0.05, torch.randn(8, 2, generator=g)
-    v = torch.randint(0, 2, (8, 2), generator=g).float() * 2 - 1
-    obj = HOSMObjective(divergence="hutchinson")
-    ours = obj(score_fn, VESDE(), x0, 3, t=t, z=z, v=v)
-    _assert_same(ours, dsm_losses(score_fn, x0, VESDE(), order=3, divergence="hutchinson", t=t, z=z, v=v))
-    assert torch.equal(ours.info["t"], t)
+def test_dsm3_sigma_cap_weights_each_sample_by_its_noise_level(make_net):
+    """loss = dsm1 + λ₂ dsm2 + λ₃ min(1, (σ_c/σ)²) dsm3 per sample; σ ≤ σ_c keeps weight 1."""
+    sde = VESDE()
+    score_fn = ScoreModel(make_net(2), sde)
+    x0 = MIX.sample(32, torch.Generator().manual_seed(0))
+    plain = HOSMObjective(lambda2=0.5, lambda3=0.1)
+    capped = HOSMObjective(lambda2=0.5, lambda3=0.1, dsm3_sigma_cap=1.0)
+    loss, terms = capped(score_fn, sde, x0, 3, torch.Generator().manual_seed(1))
+    plain_loss, plain_terms = plain(score_fn, sde, x0, 3, torch.Generator().manual_seed(1))
+    sigma = terms.sigma
+    assert (sigma > 1).any() and (sigma < 1).any()
+    w = torch.where(sigma > 1, 1 / sigma**2, torch.ones_like(sigma))
+    torch.testing.assert_close(loss, terms.dsm1 + 0.5 * terms.dsm2 + 0.1 * w * terms.dsm3)
+    torch.testing.assert_close(capped.dsm3_weight(sigma), w)
+    assert torch.equal(plain.dsm3_weight(sigma), torch.ones_like(sigma))
+    assert torch.equal(terms.dsm3, plain_terms.dsm3)  # the cap weighs the term, it does not change it
+    assert torch.equal(loss[sigma <= 1], plain_loss[sigma <= 1])
+    assert (loss[sigma > 1] < plain_loss[sigma > 1]).all()  # large-σ dsm3 weighs less
+    # order 2: nothing to weight
+    two = capped(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))[0]
+    assert torch.equal(two, plain(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))[0])
 
 
-def test_eps_none_resolves_to_the_sde_default():
-    assert HOSMObjective().eps_for(VPSDE()) == VPSDE.default_eps == 1e-5
-    assert HOSMObjective().eps_for(SubVPSDE()) == SubVPSDE.default_eps == 1e-2
-    assert HOSMObjective(eps=0.3).eps_for(SubVPSDE()) == 0.3
-    # the call uses it: t = eps + u (T - eps) differs between eps = 1e-2 and dsm_losses' own 1e-5
-    _, score_fn = _toy_net()
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_terms_record(make_net, order):
+    sde = VPSDE()
+    score_fn = ScoreModel(make_net(2), sde)
     x0 = MIX.sample(8, torch.Generator().manual_seed(0))
-    out = HOSMObjective()(score_fn, SubVPSDE(), x0, 1, torch.Generator().manual_seed(2))
-    ref = dsm_losses(score_fn, x0, SubVPSDE(), order=1, eps=1e-2, generator=torch.Generator().manual_seed(2))
-    _assert_same(out, ref)
-    assert not torch.equal(out.info["t"], dsm_losses(score_fn, x0, SubVPSDE(), order=1,
-                                                     generator=torch.Generator().manual_seed(2)).info["t"])
+    _, terms = HOSMObjective()(score_fn, sde, x0, order, torch.Generator().manual_seed(1))
+    assert set(terms.terms()) == {f"dsm{k}" for k in range(1, order + 1)}
+    assert {k: v.shape for k, v in terms.terms().items()} == {f"dsm{k}": (8,) for k in range(1, order + 1)}
+    assert terms.t.shape == terms.sigma.shape == (8,)
+    torch.testing.assert_close(terms.sigma, sde.marginal(terms.t)[1], rtol=0, atol=0)
+    assert (terms.dsm2_fro is None) == (order < 2) and (terms.r is None) == (order < 3)
+    if order >= 2:
+        torch.testing.assert_close(terms.dsm2_fro + terms.dsm2_tr, terms.dsm2.detach(), rtol=0, atol=0)
+        assert not terms.dsm2_fro.requires_grad and not terms.dsm2_tr.requires_grad and terms.dsm2.requires_grad
+    if order == 3:
+        assert terms.r.shape == (8, 2) and not terms.r.requires_grad
+        torch.testing.assert_close(terms.r.pow(2).sum(1) / 8, terms.dsm3.detach())  # dsm3 = ‖r‖²/D³
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        terms.dsm1 = terms.t
 
 
-def test_eps_beyond_the_sde_horizon_is_a_clear_error():
+@pytest.mark.parametrize("form", ["frobenius", "trace"])
+def test_dsm2_form_selects_a_part_of_eq_3_2(make_net, form):
+    sde = VPSDE()
+    net = make_net(2)
+    score_fn = ScoreModel(net, sde)
+    x0 = MIX.sample(16, torch.Generator().manual_seed(0))
+    _, both = HOSMObjective(dsm2_form="both")(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
+    _, part = HOSMObjective(dsm2_form=form)(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
+    _, other = HOSMObjective(dsm2_form={"frobenius": "trace", "trace": "frobenius"}[form])(
+        score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(part.dsm2.detach(), both.dsm2_fro if form == "frobenius" else both.dsm2_tr,
+                               rtol=0, atol=0)
+    params = list(net.parameters())
+    for a, b, c in zip(_grads(part.dsm2, params), _grads(other.dsm2, params), _grads(both.dsm2, params)):
+        torch.testing.assert_close(a + b, c)
+    assert not torch.equal(part.dsm2, both.dsm2)
+
+
+# -- eps and the SDE ---------------------------------------------------------------------------------
+def test_eps_none_is_the_sde_default(make_net):
+    x0 = MIX.sample(64, torch.Generator().manual_seed(0))
+    score_fn_for = lambda sde: ScoreModel(make_net(2), sde)  # noqa: E731
+    for sde, eps in ((VPSDE(), 1e-5), (SubVPSDE(), 1e-2)):
+        _, terms = HOSMObjective()(score_fn_for(sde), sde, x0, 1, torch.Generator().manual_seed(2))
+        assert torch.equal(terms.t, sde.sample_t(64, eps, generator=torch.Generator().manual_seed(2)))
+        assert terms.t.min() >= eps
+    # the defaults differ, so the check above tells them apart
+    assert not torch.equal(VPSDE().sample_t(64, 1e-5, generator=torch.Generator().manual_seed(2)),
+                           SubVPSDE().sample_t(64, 1e-2, generator=torch.Generator().manual_seed(2)))
+    _, terms = HOSMObjective(eps=0.3)(score_fn_for(SubVPSDE()), SubVPSDE(), x0, 1, torch.Generator().manual_seed(2))
+    assert terms.t.min() >= 0.3
+
+
+def test_check_sde():
+    HOSMObjective().check_sde(VESDE())
+    HOSMObjective(importance_sampling=True).check_sde(VPSDE())
+    HOSMObjective(importance_sampling=True).check_sde(SubVPSDE())
+    with pytest.raises(SettingsError, match="VPSDE and SubVPSDE only") as err:
+        HOSMObjective(importance_sampling=True).check_sde(VESDE())
+    assert (err.value.owner, err.value.field) == ("HOSMObjective", "importance_sampling")
+
     class ShortSDE(VPSDE):
         T = 0.5
 
-    with pytest.raises(ValueError, match=r"model\.objective\.eps must be < T=0\.5"):
-        HOSMObjective(eps=0.7).eps_for(ShortSDE())
+    with pytest.raises(ValueError, match=r"eps must lie in \(0, T=0\.5\)"):
+        HOSMObjective(eps=0.7).check_sde(ShortSDE())
+    with pytest.raises(ValueError, match=r"eps must lie in \(0, T=0\.5\)"):
+        HOSMObjective(eps=0.7)(lambda x, t: -x, ShortSDE(), torch.randn(4, 2), 1)
 
 
-def test_weighted_is_eq_3_5_by_hand():
-    _, score_fn = _toy_net()
-    x0 = MIX.sample(16, torch.Generator().manual_seed(0))
-    obj = HOSMObjective(lambda2=0.5, lambda3=0.1)
-    out = obj(score_fn, VPSDE(), x0, 3, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(obj.weighted(out), out["dsm1"] + 0.5 * out["dsm2"] + 0.1 * out["dsm3"], rtol=0, atol=0)
-    means = {k: v.mean() for k, v in out.items()}
-    means["loss"] = torch.tensor(1e6)  # extra keys are ignored
-    torch.testing.assert_close(obj.weighted(means), means["dsm1"] + 0.5 * means["dsm2"] + 0.1 * means["dsm3"],
-                               rtol=0, atol=0)
-    # only the terms present: order 2 has no dsm3, order 1 is dsm1 itself
-    two = {"dsm1": torch.tensor(2.0), "dsm2": torch.tensor(3.0)}
-    assert obj.weighted(two).item() == pytest.approx(2.0 + 0.5 * 3.0)
-    assert obj.weighted({"dsm1": torch.tensor(2.0)}).item() == 2.0
-    assert HOSMObjective(lambda2=0, lambda3=2).weighted({**two, "dsm3": torch.tensor(5.0)}).item() == 12.0
-    with pytest.raises(ValueError, match="dsm1"):
-        obj.weighted({"dsm2": torch.tensor(1.0)})
-
-
+# -- settings ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field,value",
     [
         ("lambda2", -1), ("lambda3", -0.5), ("lambda2", float("nan")), ("lambda3", float("inf")), ("lambda2", "1"),
-        ("eps", 0.0), ("eps", 1.0), ("eps", -1e-5), ("eps", "small"),
-        ("divergence", "foo"), ("dsm2_form", "fro"), ("probe_product", "jacobian"), ("importance_sampling", "yes"),
+        ("lambda2", True), ("eps", 0.0), ("eps", 1.0), ("eps", -1e-5), ("eps", "small"),
+        ("divergence", "foo"), ("dsm2_form", "fro"), ("probe_product", "jacobian"),
+        ("importance_sampling", "yes"), ("importance_sampling", 1),
+        ("dsm3_sigma_cap", 0), ("dsm3_sigma_cap", -1.0), ("dsm3_sigma_cap", float("nan")), ("dsm3_sigma_cap", "1"),
     ],
 )
-def test_invalid_fields_name_the_config_key(field, value):
-    with pytest.raises(ValueError, match=rf"^model\.objective\.{field} must"):
+def test_invalid_fields_raise_a_settings_error_naming_the_field(field, value):
+    with pytest.raises(SettingsError, match=rf"^HOSMObjective\.{field} must") as err:
         HOSMObjective(**{field: value})
+    assert (err.value.owner, err.value.field) == ("HOSMObjective", field)
+    assert isinstance(err.value, ValueError)
 
 
 def test_fields_are_coerced_validated_once_and_plain_data():
-    obj = HOSMObjective(lambda2=1, lambda3=0, eps=1e-3)
+    obj = HOSMObjective(lambda2=1, lambda3=0, eps=1e-3, dsm3_sigma_cap=2)
     assert type(obj.lambda2) is float and type(obj.lambda3) is float and obj.lambda3 == 0.0
+    assert type(obj.dsm3_sigma_cap) is float
     with pytest.raises(dataclasses.FrozenInstanceError):
         obj.lambda2 = 3.0
     d = obj.as_dict()
     assert d == {"lambda2": 1.0, "lambda3": 0.0, "eps": 1e-3, "divergence": "auto", "dsm2_form": "both",
-                 "probe_product": "jvp", "importance_sampling": False, "dsm3_sigma_cap": None}
+                 "probe_product": "jvp", "importance_sampling": False, "dsm3_sigma_cap": 2.0}
     assert HOSMObjective(**d) == obj
     buf = io.BytesIO()
     torch.save({"objective": d}, buf)
@@ -143,143 +417,89 @@ def test_fields_are_coerced_validated_once_and_plain_data():
     assert torch.load(buf, weights_only=True)["objective"] == d
 
 
-# -- DSMTerms ----------------------------------------------------------------------------------------
+# -- precision, images, importance sampling ----------------------------------------------------------
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_high_order_terms_run_in_float32_under_autocast(make_net, divergence):
+    sde = VPSDE()
+    score_fn = ScoreModel(make_net(2), sde)
+    x0 = MIX.sample(16, torch.Generator().manual_seed(0))
+    objective = HOSMObjective(divergence=divergence)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = objective(score_fn, sde, x0, 3, torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.terms().values())
+    # autocast is off inside: the same numbers as without it (bfloat16 would be ~1e-2 off)
+    plain_loss, _ = objective(score_fn, sde, x0, 3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("product", ["jvp", "vjp"])
+def test_gradients_reach_all_parameters_image_shaped(product):
+    torch.manual_seed(0)
+    sde = VPSDE()
+    net = SmallConvNet(image_channels=3, image_size=8, channels=8, depth=1)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    loss, terms = HOSMObjective(probe_product=product)(ScoreModel(net, sde), sde, x0, 3,
+                                                       torch.Generator().manual_seed(0))
+    assert loss.shape == terms.dsm3.shape == (4,) and set(terms.terms()) == {"dsm1", "dsm2", "dsm3"}
+    loss.mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_importance_sampled_times(make_net):
+    sde = VPSDE()
+    score_fn = ScoreModel(make_net(2), sde)
+    x0 = MIX.sample(256, torch.Generator().manual_seed(0))
+    _, terms = HOSMObjective(importance_sampling=True, eps=1e-3)(score_fn, sde, x0, 1, torch.Generator().manual_seed(0))
+    assert terms.t.min() >= 1e-3 and terms.t.max() <= 1.0
+    # p(t) ∝ g²/σ² = d/dt log(e^B - 1): the median solves log expm1(B(m)) = mean of the end values
+    w = lambda tt: torch.log(torch.expm1(sde.int_beta(tt)))  # noqa: E731
+    grid = torch.linspace(1e-3, 1, 100001, dtype=torch.float64)
+    median = grid[(w(grid) < 0.5 * (w(grid[0]) + w(grid[-1]))).sum()]
+    assert abs(terms.t.median() - median) < 0.06  # ≈ 0.30; U(eps, 1) would give ≈ 0.5
+    with pytest.raises(ValueError, match="importance"):
+        HOSMObjective(importance_sampling=True)(ScoreModel(make_net(2), VESDE()), VESDE(), x0, 1)
+
+
+# -- bad inputs --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"order": 0}, "order"),
+        ({"order": 4}, "order"),
+        ({"order": 1, "t": torch.rand(3)}, "t must"),
+        ({"order": 1, "z": torch.randn(8, 3)}, "z the shape of x0"),
+        ({"order": 2, "v": torch.ones(8, 3)}, "v must"),
+        ({"order": 3, "v": torch.ones(8)}, "v must"),
+    ],
+)
+def test_bad_call_arguments_raise_clear_errors(make_net, kwargs, match):
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=match):
+        HOSMObjective(divergence="hutchinson")(ScoreModel(make_net(2), sde), sde, torch.randn(8, 2), **kwargs)
+
+
+@pytest.mark.parametrize("x0", [torch.randn(8), torch.randn(0, 2), [[0.0, 1.0]]], ids=["1-d", "empty", "list"])
+def test_x0_must_be_a_batch(x0):
+    with pytest.raises(ValueError, match="x0 must be a batch"):
+        HOSMObjective()(lambda x, t: -x, VPSDE(), x0, 1)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_a_non_finite_point_makes_only_its_own_loss_non_finite(order):
+    """No host-side check (it would stall DDP ranks): NaN stays in its sample, and HOSMModule stops on
+    the non-finite gradient with a message naming the term (tests/test_module.py)."""
+    x = torch.randn(8, 2)
+    x[3, 1] = float("nan")
+    loss, terms = HOSMObjective()(lambda x, t: -torch.tanh(x), VPSDE(), x, order, torch.Generator().manual_seed(0))
+    finite = torch.ones(8, dtype=torch.bool)
+    finite[3] = False
+    assert torch.equal(torch.isfinite(loss), finite) and torch.equal(torch.isfinite(terms.dsm1), finite)
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_dsm_terms_is_a_mapping_with_info(order):
-    _, score_fn = _toy_net()
-    x0 = MIX.sample(8, torch.Generator().manual_seed(0))
-    out = dsm_losses(score_fn, x0, VPSDE(), order=order, generator=torch.Generator().manual_seed(1))
-    keys = {"dsm1", "dsm2", "dsm3"} - {f"dsm{k}" for k in range(order + 1, 4)}
-    assert isinstance(out, Mapping) and not isinstance(out, dict)
-    assert set(out) == keys and len(out) == order and "dsm1" in out and f"dsm{order + 1}" not in out
-    assert dict(out.items()) == {k: out[k] for k in keys}
-    assert {k: v.shape for k, v in out.items()} == {k: (8,) for k in keys}
-    with pytest.raises(KeyError):
-        out["dsm4"]
-    info_keys = {1: {"t", "sigma"}, 2: {"t", "sigma", "dsm2_fro", "dsm2_tr"}, 3: {"t", "sigma", "dsm2_fro", "dsm2_tr", "r"}}
-    assert set(out.info) == info_keys[order]
-    if order >= 2:
-        torch.testing.assert_close(out.info["dsm2_fro"] + out.info["dsm2_tr"], out["dsm2"].detach(), rtol=0, atol=0)
-        assert not out.info["dsm2_fro"].requires_grad and out["dsm2"].requires_grad
-    if order == 3:
-        assert out.info["r"].shape == (8, 2) and not out.info["r"].requires_grad
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        out.info = {}
-    # a copy: mutating the dict it was built from does not change it
-    src = {"dsm1": torch.ones(2)}
-    terms = DSMTerms(src)
-    src["dsm2"] = torch.ones(2)
-    assert set(terms) == {"dsm1"} and terms.info == {}
-
-
-# -- the split steps against a hand-written reference of (3.1)-(3.4) ----------------------------------
-def _reference(mix, sde, x0, t, z, theta, v=None):
-    """(3.1)-(3.3) (or (3.4) with a probe v) for s_θ = (1 + θ) ∇log q_t, from the mixture's closed-form
-    score, Hessian and ∇ tr Hessian: only J and σ³∇ tr J carry θ-gradient, c = z + σ stopgrad(s)."""
-    a, sigma = sde.marginal(t)
-    xt = (a[:, None] * x0 + sigma[:, None] * z).requires_grad_(v is not None)
-    k = 1 + theta
-    s, jac = k * mix.score(xt, t, sde), k * mix.score_jacobian(xt, t, sde)
-    d, sg = x0.shape[1], sigma[:, None]
-    c = z + sg * s.detach()
-    out = {"dsm1": ((sg * s + z) ** 2).mean(1)}
-    if v is None:
-        trj, gtr = jac.diagonal(dim1=1, dim2=2).sum(-1), k * mix.grad_laplacian(xt, t, sde)
-        amat = sg[..., None] ** 2 * jac + torch.eye(d, dtype=x0.dtype) - c[:, :, None] * c[:, None, :]
-        out["dsm2"] = (amat**2).sum((1, 2)) / d**2 + ((sigma**2 * trj + d - (c**2).sum(1)) / d) ** 2
-        jc = torch.einsum("bij,bj->bi", jac.detach(), c)
-        r = sg**3 * gtr + (c**2).sum(1, keepdim=True) * c - (sg**2 * trj.detach()[:, None] + d) * c - 2 * (sg**2 * jc + c)
-    else:
-        jv = torch.einsum("bij,bj->bi", jac, v)
-        vjv = (v * jv).sum(1)
-        g3 = torch.autograd.grad(vjv.sum(), xt, create_graph=True)[0]  # ∇ₓ(vᵀJv) of the closed-form Hessian
-        cv = (c * v).sum(1, keepdim=True)
-        out["dsm2"] = ((sg**2 * jv + v - cv * c) ** 2).sum(1) / d**2 + ((sigma**2 * vjv + d - cv[:, 0] ** 2) / d) ** 2
-        r = sg**3 * g3 + cv**2 * c - (sg**2 * vjv.detach()[:, None] + d) * c - 2 * cv * (sg**2 * jv.detach() + v)
-    out["dsm3"] = (r**2).sum(1) / d**3
-    return out
-
-
-@pytest.mark.parametrize("mode", ["exact", "hutchinson"])
-def test_split_steps_compose_to_the_reference(mode):
-    mix, sde = MIX.to(torch.float64), VPSDE()
-    g = torch.Generator().manual_seed(5)
-    x0 = mix.sample(6, g, dtype=torch.float64)
-    theta = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    score_fn = lambda x, tt: (1 + theta) * mix.score(x, tt, sde)  # noqa: E731
-
-    # step 1: the draws are t, then z, from the generator
-    p = perturb(x0, sde, 1e-3, torch.Generator().manual_seed(7))
-    g2 = torch.Generator().manual_seed(7)
-    t = sde.sample_t(6, 1e-3, generator=g2).double()
-    z = torch.randn(x0.shape, generator=g2, dtype=torch.float64)
-    v = torch.randint(0, 2, x0.shape, generator=g2).double() * 2 - 1 if mode == "hutchinson" else None
-    a, sigma = sde.marginal(t)
-    assert torch.equal(p.t, t) and torch.equal(p.z, z) and torch.equal(p.sigma, sigma) and torch.equal(p.mean_coef, a)
-    torch.testing.assert_close(p.xt, a[:, None] * x0 + sigma[:, None] * z, rtol=0, atol=0)
-
-    # step 2 and 3 by hand
-    der = score_derivatives(score_fn, p, 3, mode, v=v)
-    c = c_vector(der.s, p.z, p.sigma)
-    if mode == "exact":
-        fro, tr = dsm2_exact(c, der.jac, der.tr_j, p.sigma)
-        r = dsm3_residual_exact(c, der.jac, der.tr_j, der.grad_tr_j, p.sigma)
-    else:
-        assert torch.equal(der.v, v)
-        fro, tr = dsm2_hutchinson(c, der.v, der.jv, der.vjv, p.sigma)
-        r = dsm3_residual_hutchinson(c, der.v, der.jv, der.vjv, der.grad_vjv, p.sigma)
-    steps = {"dsm1": dsm1(der.s, p.z, p.sigma), "dsm2": fro + tr, "dsm3": dsm3(r)}
-    composed = dsm_losses(score_fn, x0, sde, order=3, eps=1e-3, generator=torch.Generator().manual_seed(7), divergence=mode)
-    ref = _reference(mix, sde, x0, t, z, theta, v)
-    for k in ("dsm1", "dsm2", "dsm3"):
-        assert torch.equal(steps[k], composed[k]), k
-        torch.testing.assert_close(composed[k], ref[k], rtol=1e-10, atol=1e-12)
-        g_ours = torch.autograd.grad(composed[k].sum(), theta, retain_graph=True)[0]
-        g_ref = torch.autograd.grad(ref[k].sum(), theta, retain_graph=True)[0]
-        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
-    assert all(ref[k].abs().min() > 1e-8 for k in ref)  # no vacuous zero terms
-
-
-def test_first_order_step_keeps_the_data_shape_and_dtype():
-    sde = VESDE()
-    x0 = torch.randn(3, 2, 2, 2, dtype=torch.float64)
-    p = perturb(x0, sde, 1e-5, torch.Generator().manual_seed(0))
-    der = score_derivatives(lambda x, t: -x, p, 1)
-    assert der.s.shape == x0.shape and der.mode is None and der.jac is None
-    expected = (p.sigma.view(-1, 1, 1, 1) * -p.xt + p.z).pow(2).flatten(1).mean(1)
-    torch.testing.assert_close(dsm1(der.s, p.z, p.sigma), expected, rtol=0, atol=0)
-
-
-def test_perturb_checks_shapes_and_eps():
-    x0 = torch.randn(4, 2)
-    with pytest.raises(ValueError, match="t must"):
-        perturb(x0, VPSDE(), 1e-5, t=torch.rand(3))
-    with pytest.raises(ValueError, match="z must"):
-        perturb(x0, VPSDE(), 1e-5, z=torch.randn(4, 3))
-    with pytest.raises(ValueError, match="eps"):
-        perturb(x0, VPSDE(), 0.0)
-
-
-def test_dsm3_sigma_cap_weights_each_sample_by_its_noise_level():
-    """loss = mean over the batch of dsm1 + λ₂ dsm2 + λ₃ min(1, (σ_c/σ)²) dsm3; without a cap it is
-    (3.5) of the batch means; σ ≤ σ_c keeps weight 1."""
-    _, score_fn = _toy_net()
-    x0 = MIX.sample(32, torch.Generator().manual_seed(0))
-    plain = HOSMObjective(lambda2=0.5, lambda3=0.1)
-    capped = HOSMObjective(lambda2=0.5, lambda3=0.1, dsm3_sigma_cap=1.0)
-    out = capped(score_fn, VESDE(), x0, 3, torch.Generator().manual_seed(1))
-    sigma = out.info["sigma"]
-    assert (sigma > 1).any() and (sigma < 1).any()
-    w = torch.where(sigma > 1, 1 / sigma**2, torch.ones_like(sigma))
-    by_hand = (out["dsm1"] + 0.5 * out["dsm2"] + 0.1 * w * out["dsm3"]).mean()
-    torch.testing.assert_close(capped.loss(out), by_hand)
-    torch.testing.assert_close(capped.dsm3_weight(sigma), w)
-    assert capped.loss(out) < plain.loss(out)  # large-σ dsm3 weighs less
-    means = {k: v.mean() for k, v in out.items()}
-    assert torch.equal(plain.loss(out), plain.weighted(means))  # the default path is (3.5) of the means
-    # order 2: nothing to weight
-    two = capped(score_fn, VESDE(), x0, 2, torch.Generator().manual_seed(1))
-    assert torch.equal(capped.loss(two), plain.loss(two))
-    for bad in (0, -1.0, float("nan"), "1"):
-        with pytest.raises(ValueError, match="model.objective.dsm3_sigma_cap"):
-            HOSMObjective(dsm3_sigma_cap=bad)
+@pytest.mark.parametrize("divergence,product", ESTIMATORS, ids=ESTIMATOR_IDS)
+def test_a_score_of_the_wrong_shape_is_rejected(order, divergence, product):
+    bad = lambda x, t: x.sum(1)  # noqa: E731
+    with pytest.raises(ValueError, match="score_fn output must have the shape of its input"):
+        HOSMObjective(divergence=divergence, probe_product=product)(bad, VPSDE(), torch.randn(8, 2), order)

@@ -1,20 +1,19 @@
 """DDPM++ / NCSN++ U-Nets (docs/design.md §6): FIR resampling, parameterisations, third-order
-differentiability, a finite-difference check of the order-3 loss gradient, checkpoint import.
+differentiability through every layer, a finite-difference check of the order-3 loss gradient,
+activation checkpointing, score_sde_pytorch checkpoint import, parameter counts.
 
-Tiny configurations only (nf 16, ch_mult (1, 2), one block per level, 8×8 images, batch 2).
+Tiny configurations (nf 16, ch_mult (1, 2), one block per level, 8×8 images, batch 2), except the
+parameter counts of the paper's configurations (built on the meta device: no memory, no compute).
 """
 
 import math
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hosm_lightning.core.losses import dsm_losses
-from hosm_lightning.core.sde import VESDE, VPSDE
+from hosm_lightning.core import VESDE, VPSDE, HOSMObjective
 from hosm_lightning.nets.checkpoint_import import load_score_sde_checkpoint, save_score_sde_checkpoint
 from hosm_lightning.nets.ddpmpp import DDPMpp
 from hosm_lightning.nets.fir import (
@@ -26,6 +25,7 @@ from hosm_lightning.nets.fir import (
 )
 from hosm_lightning.nets.ncsnpp import NCSNpp
 from hosm_lightning.nets.score import ScoreModel
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -163,20 +163,20 @@ def test_ncsnpp_score_parameterisation_and_data_range():
 # the noise level σ(t) comes from the SDE through ScoreModel (net(x, t, sigma))
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ncsnpp_through_score_model_equals_the_old_sigma_formula(dtype):
-    """Before, NCSNpp computed log σ(t) = log σ_min + t log(σ_max/σ_min) from its own init args; now
-    ScoreModel(NCSNpp, VESDE(0.01, 50)) hands it σ(t) = sde.marginal(t)[1]. Same numbers."""
+def test_ncsnpp_through_score_model_is_the_unet_on_log_sigma_divided_by_sigma(dtype):
+    """ScoreModel(NCSNpp, VESDE(0.01, 50)) hands the net σ(t) = σ_min (σ_max/σ_min)^t, and the net is
+    the U-Net on (2x - 1, log σ) divided by σ: the same numbers as that formula written out."""
     net = make("ncsnpp").to(dtype).eval()
     x = images(4, dtype=dtype)
     t = torch.tensor([1e-5, 0.2, 0.7, 1.0], dtype=dtype)
-    new = ScoreModel(net, VESDE(0.01, 50.0), "score")(x, t)
-    old_log_sigma = math.log(0.01) + t * math.log(50.0 / 0.01)
-    old_call = net(x, t, sigma=torch.exp(old_log_sigma))
-    # today's forward, spelled out: Fourier embedding of log σ(t), U-Net, output divided by σ(t)
-    old_forward = net.forward_label(2 * x - 1, old_log_sigma) / torch.exp(old_log_sigma).reshape(-1, 1, 1, 1)
+    wrapped = ScoreModel(net, VESDE(0.01, 50.0), "score")(x, t)
+    log_sigma = math.log(0.01) + t * math.log(50.0 / 0.01)
+    direct_call = net(x, t, sigma=torch.exp(log_sigma))
+    # the forward pass spelled out: Fourier embedding of log σ(t), U-Net, output divided by σ(t)
+    spelled_out = net.forward_label(2 * x - 1, log_sigma) / torch.exp(log_sigma).reshape(-1, 1, 1, 1)
     rtol = 2e-6 if dtype == torch.float32 else 1e-9
-    for old in (old_call, old_forward):
-        torch.testing.assert_close(new, old, rtol=rtol, atol=0)
+    for expected in (direct_call, spelled_out):
+        torch.testing.assert_close(wrapped, expected, rtol=rtol, atol=0)
 
 
 def test_ncsnpp_without_sigma_raises_a_clear_error():
@@ -204,31 +204,31 @@ def test_ncsnpp_follows_the_sde_it_is_wrapped_with():
     torch.testing.assert_close(ScoreModel(net, VESDE(0.02, 10.0), "score")(x, t_other), default, rtol=1e-9, atol=0)
 
 
-def test_ddpmpp_ignores_sigma():
-    net = make("ddpmpp").eval()
-    x, t = images(), torch.tensor([0.2, 0.7])
-    assert torch.equal(net(x, t), net(x, t, torch.tensor([3.0, 0.1])))
-    assert torch.equal(net(x, t), net(x, t, sigma=None))
-
-
 # ------------------------------------------------------------------------------------------------
 # third-order DSM through the nets
 # ------------------------------------------------------------------------------------------------
+#: the objective with unit weights, as the reference image code: loss = dsm1 + dsm2 + dsm3 per sample
+HUTCHINSON = HOSMObjective(lambda2=1.0, lambda3=1.0, divergence="hutchinson")
+
+
 @pytest.mark.parametrize("name", list(NETS))
 def test_third_order_loss_gradients_finite_nonzero(name):
+    """JVP, ∇ₓ(vᵀJv) and the parameter gradient go through every layer: every parameter gets a
+    finite, non-zero gradient of the order-3 loss."""
     net = make(name, dropout=0.1).train()
     model, sde = score_model(name, net)
-    losses = dsm_losses(model, images(), sde, order=3, divergence="hutchinson", generator=torch.Generator().manual_seed(3))
-    assert set(losses) == {"dsm1", "dsm2", "dsm3"}
-    (losses["dsm1"] + losses["dsm2"] + losses["dsm3"]).mean().backward()
+    loss, terms = HUTCHINSON(model, sde, images(), 3, torch.Generator().manual_seed(3))
+    assert set(terms.terms()) == {"dsm1", "dsm2", "dsm3"} and loss.shape == (2,)
+    torch.testing.assert_close(loss, terms.dsm1 + terms.dsm2 + terms.dsm3)
+    loss.mean().backward()
     for n, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
         assert p.grad.abs().sum() > 0, n
 
 
 class _FrozenStopGradients:
-    """Record the values that ``dsm_losses`` stop-gradients (``.detach()`` calls made in
-    hosm_lightning.core.losses) at θ₀, then replay them at perturbed θ.
+    """Record the values that the objective stop-gradients (``.detach()`` calls made in
+    hosm_lightning.core.dsm) at θ₀, then replay them at perturbed θ.
 
     Autograd differentiates the order-3 loss with ĉ, Jv, vᵀJv inside r held fixed, so the matching
     finite difference is that of θ ↦ L(θ; stop-gradient values at θ₀), not of the loss value itself.
@@ -240,7 +240,7 @@ class _FrozenStopGradients:
 
         def detach(tensor):
             out = original(tensor)
-            if sys._getframe(1).f_globals.get("__name__") != "hosm_lightning.core.losses":
+            if sys._getframe(1).f_globals.get("__name__") != "hosm_lightning.core.dsm":
                 return out
             if self.mode == "record":
                 self.values.append(out.clone())
@@ -263,7 +263,7 @@ def test_third_order_gradient_matches_finite_differences(name, monkeypatch):
     _, sde = score_model(name, net)
     wrapped = ScoreModel(net, sde, NETS[name][2])
 
-    def score_fn(x, t):  # run the net in float64 whatever precision dsm_losses works in
+    def score_fn(x, t):  # run the net in float64 whatever precision the objective works in
         return wrapped(x.double(), t.double())
 
     g = torch.Generator().manual_seed(7)
@@ -273,8 +273,7 @@ def test_third_order_gradient_matches_finite_differences(name, monkeypatch):
     v = torch.randint(0, 2, x0.shape, generator=g).double() * 2 - 1
 
     def loss():
-        out = dsm_losses(score_fn, x0, sde, order=3, divergence="hutchinson", t=t, z=z, v=v)
-        return (out["dsm1"] + out["dsm2"] + out["dsm3"]).mean()
+        return HUTCHINSON(score_fn, sde, x0, 3, t=t, z=z, v=v)[0].mean()
 
     params = [p for p in net.parameters() if p.requires_grad]
     direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
@@ -301,17 +300,15 @@ def test_third_order_gradient_matches_finite_differences(name, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # activation checkpointing
 # ------------------------------------------------------------------------------------------------
-def test_checkpoint_blocks_first_order_only():
+def test_checkpoint_blocks_give_the_same_first_order_gradients():
     grads = []
     for flag in (False, True):
         net = make("ddpmpp", dropout=0.1, checkpoint_blocks=flag).train()
         model, sde = score_model("ddpmpp", net)
         torch.manual_seed(11)  # same dropout masks in both runs (checkpoint replays the RNG state)
-        dsm_losses(model, images(), sde, order=1, generator=torch.Generator().manual_seed(3))["dsm1"].mean().backward()
+        HUTCHINSON(model, sde, images(), 1, torch.Generator().manual_seed(3))[0].mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
-    with pytest.raises(RuntimeError, match="checkpoint_blocks=True works for first-order DSM only"):
-        dsm_losses(model, images(), sde, order=3, divergence="hutchinson")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,11 +365,13 @@ def test_score_sde_checkpoint_errors(tmp_path):
         load_score_sde_checkpoint(make("ddpmpp"), other)
 
 
-def test_unet_benchmark_quick_runs():
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "benchmarks" / "unet_step.py"), "--quick", "--device", "cpu", "--threads", "1",
-           "--nets", "ddpmpp", "--in-process", "--reps", "1", "--warmup", "0"]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ddpmpp")]
-    assert [int(r.split("|")[4]) for r in rows] == [1, 2, 3], proc.stdout
+# ------------------------------------------------------------------------------------------------
+# parameter counts of the paper's configurations (README "CIFAR-10 networks")
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls, kw, expected", [(DDPMpp, {}, 61_804_419), (DDPMpp, {"num_res_blocks": 8}, 106_632_579),
+                                               (NCSNpp, {}, 62_758_787)], ids=["ddpmpp", "ddpmpp_deep", "ncsnpp"])
+def test_paper_configuration_parameter_counts(cls, kw, expected):
+    with torch.device("meta"):
+        net = cls(**kw)
+    assert (net.image_size, net.nf, net.ch_mult, net.num_res_blocks) == (32, 128, (1, 2, 2, 2), kw.get("num_res_blocks", 4))
+    assert sum(p.numel() for p in net.parameters()) == expected

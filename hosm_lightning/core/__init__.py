@@ -1,18 +1,18 @@
-"""Lightning-free math core: SDEs, high-order DSM losses, ODE likelihood, exact mixtures."""
+"""Lightning-free math core: SDEs, the high-order DSM objective, the probability-flow ODE, bits/dim,
+exact Gaussian mixtures."""
 
-from .likelihood import bits_per_dim, dequantize, nats_to_bpd, ode_log_likelihood, ode_sample
-from .dequantization import dequantization_draws, importance_bound, truncnorm_log_prob
-from .dsm_terms import DSMTerms, perturb
-from .losses import dsm_losses
+from .dequantization import DequantizedBound, bits_per_dim, dequantization_draws, importance_bound, truncnorm_log_prob
 from .mixtures import GaussianMixture, paper_mog1d
-from .objective import HOSMObjective
-from .ode_options import ODEOptions
-from .sde import SDE, SubVPSDE, VESDE, VPSDE, make_sde
+from .objective import DSMTerms, HOSMObjective
+from .ode import Likelihood, ODEOptions, ODEScore, Samples, ode_log_likelihood, ode_sample, ode_score
+from .sde import SDE, VESDE, VPSDE, SubVPSDE, make_sde
+from .settings import SettingsError
+from .stats import mean_se
 
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "make_sde",
-    "dsm_losses", "perturb", "DSMTerms", "HOSMObjective",
-    "ode_log_likelihood", "ode_sample", "ODEOptions", "bits_per_dim", "dequantize", "nats_to_bpd",
-    "GaussianMixture", "paper_mog1d",
-    "dequantization_draws", "importance_bound", "truncnorm_log_prob",
+    "HOSMObjective", "DSMTerms",
+    "ODEOptions", "ode_log_likelihood", "ode_sample", "ode_score", "Likelihood", "Samples", "ODEScore",
+    "bits_per_dim", "DequantizedBound", "dequantization_draws", "importance_bound", "truncnorm_log_prob",
+    "GaussianMixture", "paper_mog1d", "SettingsError", "mean_se",
 ]

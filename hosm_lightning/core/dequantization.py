@@ -13,7 +13,7 @@ bits/dim = −bound / (D ln 2). Units: log-densities in nats, results in bits pe
 
 * ``uniform`` (the high-order DSM paper's protocol): y = (k + u)/256, u ~ U[0,1)^D, bins of
   width 1/256 in [0, 1] (2/256 in [−1, 1]); log q = D log 256 (D log 128). With K = 1 this is
-  bpd = −log p(y)/(D ln 2) + 8 (or + 7), exactly :func:`nats_to_bpd`.
+  bpd = −log p(y)/(D ln 2) + 8 (or + 7).
 * ``truncated_normal`` (training-free, i-DODE, Zheng et al. 2023): the model density p_eps at time
   eps is evaluated at x_eps = a(eps)·x̄ + σ(eps)·n, with x̄ the bin centre k/255 in [0, 1] (2k/255 − 1
   in [−1, 1]: the points the model was trained on) and n ~ N(0, 1) truncated to [−τ, τ] per
@@ -24,24 +24,26 @@ bits/dim = −bound / (D ln 2). Units: log-densities in nats, results in bits pe
 
   It works for VP/subVP (a < 1) and VE (a = 1). No offset: log q already carries the bin width.
 
-Noise: ``generator`` is one torch.Generator for the batch, or one per sample (the evaluator's
+Noise: ``generator`` is one torch.Generator for the batch, or one per sample (the test loop's
 per-sample seeds, so results do not depend on the batch composition or the world size).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .data_range import bytes_to_model
+from .score import check_batch
 from .sde import SDE
 
 __all__ = [
-    "PROTOCOLS", "TAGS", "resolve_protocol", "dequantize", "nats_to_bpd", "truncnorm_log_prob",
-    "dequantization_draws", "importance_bound", "bits_per_dim",
+    "PROTOCOLS", "TAGS", "resolve_protocol", "truncnorm_log_prob", "dequantization_draws", "importance_bound",
+    "bits_per_dim", "DequantizedBound",
 ]
 
 PROTOCOLS = ("uniform", "truncated_normal")
@@ -69,27 +71,6 @@ def _bytes(x: Tensor) -> Tensor:
         raise ValueError(f"float images must lie in [0, 1] (k/255); got range [{float(x.min()):.3g}, {float(x.max()):.3g}]"
                          " -- pass uint8 bytes or x/255")
     return torch.round(x.double() * 255)
-
-
-def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantization of 8-bit data: y = (k + u) / 256, u ~ U[0,1)^D, in [0, 1).
-
-    ``x`` is either uint8 (k = x) or float on the grid k / 255 in [0, 1] (k = round(255 x)).
-    """
-    k = _bytes(x).float()
-    u = torch.rand(x.shape, generator=generator, device=x.device)
-    y = (k + u) / 256
-    # in float32, k + u rounds up to k + 1 when u > 1 - 2^-17 (k >= 128): keep y inside [k/256, (k+1)/256)
-    return torch.minimum(y, torch.nextafter((k + 1) / 256, torch.zeros_like(y)))
-
-
-def nats_to_bpd(logp: Tensor, dim: int, centered: bool) -> Tensor:
-    """bpd = -log p(y) / (D ln 2) + offset, offset 8 for y in [0,1] and 7 for y in [-1,1].
-
-    The 8 bits are the 256 bins of width 1/256; for [-1,1] data the map y ↦ 2y - 1 has
-    Jacobian 2^D, which removes one bit per dimension.
-    """
-    return -logp / (dim * math.log(2)) + (7.0 if centered else 8.0)
 
 
 def truncnorm_log_prob(n: Tensor, tau: float, sigma: float) -> Tensor:
@@ -128,7 +109,7 @@ def dequantization_draws(x: Tensor, *, centered: bool, dequantization: str = "un
         centered: model space [−1, 1] (True) or [0, 1] (False).
         dequantization: 'uniform' or 'truncated_normal'.
         num_importance: K draws per datum.
-        sde, eps: required for 'truncated_normal' (the model density is p_eps of this SDE).
+        sde, eps: for 'truncated_normal' (the model density is p_eps of this SDE; eps None: the SDE's default).
         generator: one generator, or a list with one per sample (per-sample seeds).
 
     Returns:
@@ -146,11 +127,9 @@ def dequantization_draws(x: Tensor, *, centered: bool, dequantization: str = "un
         y = 2 * y - 1 if centered else y
         log_q = torch.full((k_imp, b), dim * math.log(128.0 if centered else 256.0), dtype=torch.float64, device=dev)
         return y, log_q
-    if sde is None or eps is None:
-        raise ValueError("dequantization='truncated_normal' needs sde= and eps= (the model density is p_eps at t = eps; "
-                         "pass the SDE and the likelihood eps, e.g. model.sde and model.eps)")
-    if not (0.0 < float(eps) < sde.T):
-        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    if sde is None:
+        raise ValueError("dequantization='truncated_normal' needs sde= (the model density is p_eps of that SDE at t = eps)")
+    eps = sde.resolve_eps(eps)
     a, sigma = (float(c) for c in sde.marginal(torch.tensor([float(eps)], dtype=torch.float64)))
     half = (1.0 if centered else 0.5) / 255
     tau = a * half / sigma
@@ -175,41 +154,39 @@ def importance_bound(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
-def bits_per_dim(log_prob_fn, x: Tensor, *, centered: bool, generator=None, dequantization: str = "uniform",
-                 num_importance: int = 1, sde: SDE | None = None, eps: float | None = None):
-    """Bits per dimension of 8-bit data under a continuous model (a lower bound on log P(k) turned into bits).
+@dataclass(frozen=True, eq=False)
+class DequantizedBound:
+    """Bits/dim [B] of 8-bit data and the bound it comes from: ``bound`` [B] (nats, float64) on log P(k),
+    ``log_w`` [K, B] = log p − log q per draw, the ``protocol`` and K = ``num_importance``."""
+
+    bpd: Tensor
+    bound: Tensor
+    log_w: Tensor
+    protocol: str
+    num_importance: int
+
+
+def bits_per_dim(log_prob_fn: Callable[[Tensor], Tensor], x: Tensor, *, centered: bool, generator=None,
+                 dequantization: str = "uniform", num_importance: int = 1, sde: SDE | None = None,
+                 eps: float | None = None) -> DequantizedBound:
+    """Bits per dimension of 8-bit data under a continuous model: bpd = −bound / (D ln 2).
 
     Args:
-        log_prob_fn: maps model-space points [N, ...] to ``logp`` [N] in nats, or to ``(logp, info)``
-            (e.g. ``functools.partial(ode_log_likelihood, score_fn, sde, eps=1e-5)``). For
-            'truncated_normal' it must be the density at time ``eps`` of the same ``sde``.
+        log_prob_fn: maps model-space points [N, ...] to log p [N] in nats (e.g. the ODE likelihood).
+            For 'truncated_normal' it must be the density at time ``eps`` of the same ``sde``.
         x: uint8 images, or floats k/255 in [0, 1], [B, ...].
         centered: the model sees data in [-1, 1] (True, VP/subVP) or [0, 1] (False, VE).
         generator: RNG for the dequantization noise (one, or one per sample).
         dequantization: 'uniform' (paper protocol) or 'truncated_normal' (i-DODE).
         num_importance: K; the model is evaluated on K·B points in one call (draw-major order).
         sde, eps: for 'truncated_normal'.
-
-    Returns:
-        ``(bpd [B], info)``; info is the model's info dict plus ``logp`` ([B] for K = 1, else [K, B]),
-        ``log_w`` ([K, B], log p − log q per draw), ``bound`` ([B], nats), ``protocol`` and ``num_importance``.
-        Uniform with K = 1 returns exactly :func:`nats_to_bpd` of log p(y) (dtype of the model).
     """
-    from .likelihood import _check_batch
-
-    _check_batch(x)
+    check_batch(x)
     y, log_q = dequantization_draws(x, centered=centered, dequantization=dequantization,
                                     num_importance=num_importance, sde=sde, eps=eps, generator=generator)
     k_imp, b = log_q.shape
-    out = log_prob_fn(y.reshape(k_imp * b, *x.shape[1:]))
-    logp, info = out if isinstance(out, tuple) else (out, {})
-    logp = logp.reshape(k_imp, b)
+    logp = log_prob_fn(y.reshape(k_imp * b, *x.shape[1:])).reshape(k_imp, b)
+    log_w = logp.double() - log_q
     bound = importance_bound(logp, log_q)
-    protocol, dim = resolve_protocol(dequantization), x[0].numel()
-    if protocol == "uniform" and k_imp == 1:
-        bpd = nats_to_bpd(logp[0], dim, centered)
-    else:
-        bpd = -bound / (dim * math.log(2))
-    extra = {"logp": logp[0] if k_imp == 1 else logp, "log_w": logp.double() - log_q, "bound": bound,
-             "protocol": protocol, "num_importance": k_imp}
-    return bpd, {**info, **extra}
+    return DequantizedBound(bpd=-bound / (x[0].numel() * math.log(2)), bound=bound, log_w=log_w,
+                            protocol=resolve_protocol(dequantization), num_importance=k_imp)

@@ -26,12 +26,26 @@ class SDE:
     """Common interface. Subclasses define ``marginal``, ``g2`` and ``beta`` (drift rate, 0 for VE)."""
 
     T: float = 1.0
-    #: smallest time for training and likelihood (docs/design.md §2)
+    #: smallest time for training and likelihood (docs/design.md §2); see :meth:`resolve_eps`
     default_eps: float = 1e-5
-    #: smallest time at which the sampler stops
+    #: smallest time at which the sampler stops; see :meth:`resolve_eps`
     default_sample_eps: float = 1e-5
     #: std of the isotropic Gaussian prior pi = N(0, prior_std^2 I)
     prior_std: float = 1.0
+    #: whether :meth:`sample_t` can draw t from p(t) ∝ g²/σ² (closed-form cumulative weight)
+    has_importance_sampler: bool = False
+
+    def resolve_eps(self, eps: float | None = None, *, sampling: bool = False) -> float:
+        """The smallest time of a training step, a likelihood solve or (``sampling``) a sample.
+
+        This is the one place where eps is chosen: ``eps`` as configured, or when None this SDE's
+        ``default_eps`` (training, likelihood) or ``default_sample_eps`` (the sampler's end time).
+        ValueError unless it lies in (0, T).
+        """
+        value = (self.default_sample_eps if sampling else self.default_eps) if eps is None else eps
+        if not 0.0 < value < self.T:
+            raise ValueError(f"eps must lie in (0, T={self.T}) for {type(self).__name__}, got {value!r}")
+        return float(value)
 
     # -- schedule -------------------------------------------------------------------------------
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
@@ -85,24 +99,25 @@ class SDE:
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
         if not importance:
             return (eps + u * (self.T - eps)).float()
-        return self._importance_t(u, eps).float()
+        return self.importance_t(u, eps).float()
 
-    def _cum_weight(self, t: Tensor) -> Tensor:
-        """Unnormalised cumulative ∫ g²/σ² dt (up to a constant)."""
+    def cumulative_weight(self, t: Tensor) -> Tensor:
+        """Unnormalised cumulative ∫ g²/σ² dt (up to a constant); only where ``has_importance_sampler``."""
         raise ValueError(
             f"{type(self).__name__} has no importance sampler for t; set importance sampling off "
             "(it exists for VPSDE and SubVPSDE only)"
         )
 
-    def _importance_t(self, u: Tensor, eps: float) -> Tensor:
-        """Invert the cumulative weight by bisection in float64 (60 halvings: exact to 1e-18)."""
+    def importance_t(self, u: Tensor, eps: float) -> Tensor:
+        """t in [eps, T] with p(t) ∝ g²/σ² at quantiles u ∈ [0, 1] (float64): the cumulative weight
+        inverted by bisection (60 halvings: exact to 1e-18)."""
         lo = torch.full_like(u, eps)
         hi = torch.full_like(u, self.T)
-        w_lo, w_hi = self._cum_weight(lo[:1]), self._cum_weight(hi[:1])
+        w_lo, w_hi = self.cumulative_weight(lo[:1]), self.cumulative_weight(hi[:1])
         target = w_lo + u * (w_hi - w_lo)
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            below = self._cum_weight(mid) < target
+            below = self.cumulative_weight(mid) < target
             lo = torch.where(below, mid, lo)
             hi = torch.where(below, hi, mid)
         return 0.5 * (lo + hi)
@@ -144,7 +159,9 @@ class VPSDE(_LinearBeta):
     def g2(self, t: Tensor) -> Tensor:
         return self.beta(t)
 
-    def _cum_weight(self, t: Tensor) -> Tensor:
+    has_importance_sampler = True
+
+    def cumulative_weight(self, t: Tensor) -> Tensor:
         # g²/σ² = β / (1 - e^{-B}) = d/dt log(e^B - 1)
         return torch.log(torch.expm1(self.int_beta(t)))
 
@@ -162,7 +179,9 @@ class SubVPSDE(_LinearBeta):
     def g2(self, t: Tensor) -> Tensor:
         return self.beta(t) * -torch.expm1(-2 * self.int_beta(t))
 
-    def _cum_weight(self, t: Tensor) -> Tensor:
+    has_importance_sampler = True
+
+    def cumulative_weight(self, t: Tensor) -> Tensor:
         # g²/σ² = β (1 + e^{-B}) / (1 - e^{-B}) = d/dt [2 log(e^B - 1) - B]
         b = self.int_beta(t)
         return 2 * torch.log(torch.expm1(b)) - b

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.data_range import bytes_to_model
-from .sharding import RawRows, eval_sampler
+from .sharding import IndexedRows, eval_loader
 from .spec import DataSpec
 
 __all__ = ["CIFAR10DataModule", "read_cifar10", "write_fake_cifar10"]
@@ -37,8 +37,9 @@ _SAFE_GLOBALS = {
 
 
 def _how_to_get(root) -> str:
-    return (f"download {URL} and extract it so that {Path(root) / FOLDER / TRAIN_FILES[0]} exists, "
-            "or set data.init_args.download=true")
+    return (f"point --data.init_args.root at the folder that holds {FOLDER}/ (now {root}), "
+            f"or download {URL} and extract it so that {Path(root) / FOLDER / TRAIN_FILES[0]} exists, "
+            "or set --data.init_args.download=true once")
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -192,24 +193,27 @@ class CIFAR10DataModule(L.LightningDataModule):
                 raise ValueError(f"val_size={self.val_size} must be smaller than the {len(images)} training images")
             cut = len(images) - self.val_size
             self.train_set = _TrainImages(images[:cut], self.centered, self.random_flip)
-            self.val_set = RawRows(images[cut:])
+            self.val_set = IndexedRows(images[cut:])
         if stage in (None, "test") and self.test_set is None:
             images, _ = read_cifar10(self.root, train=False)
-            self.test_set = RawRows(images[: self.test_subset] if self.test_subset else images)
+            self.test_set = IndexedRows(images[: self.test_subset] if self.test_subset else images)
 
-    def _loader(self, ds: Dataset | None, batch_size: int, train: bool) -> DataLoader:
+    def _workers(self) -> dict:
+        return {"num_workers": self.num_workers, "pin_memory": torch.cuda.is_available(),
+                "persistent_workers": self.num_workers > 0}
+
+    def _eval(self, ds: Dataset | None) -> DataLoader:
         if ds is None:
             raise RuntimeError("call setup() (Lightning does) before asking for dataloaders")
-        sampler = None if train else eval_sampler(ds, self.trainer)  # eval: each image once across ranks
-        return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
-                          sampler=sampler)
+        return eval_loader(ds, self.eval_batch_size, self.trainer, **self._workers())  # each image once across ranks
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
+        if self.train_set is None:
+            raise RuntimeError("call setup() (Lightning does) before asking for dataloaders")
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, **self._workers())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, train=False)
+        return self._eval(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, train=False)
+        return self._eval(self.test_set)

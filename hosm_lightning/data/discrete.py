@@ -1,4 +1,4 @@
-"""Discrete 8-bit data with an exact entropy (GitHub issue 12): a test bed for bits/dim protocols.
+"""Discrete 8-bit data with an exact entropy: a test bed for bits/dim protocols.
 
 Every dimension d is an independent byte k_d ∈ {0..255} with probabilities P_m(k) of one of a few
 *marginals* m (one per channel). P_m(k) is a smooth 1-D Gaussian mixture ρ_m on [0, 1] quantised
@@ -16,23 +16,20 @@ Two kinds of data, the same bytes and P(k), different continuous distributions q
   q_t(x_d) = Σ_j w_j N(x_d; a μ_j, a² s_j² + σ²).
 
 Training batches are floats on the grid x̄_k (the model range); validation/test batches are
-**uint8** like :class:`CIFAR10DataModule`, so the LikelihoodEvaluator reports bits/dim.
+**uint8** like :class:`CIFAR10DataModule`, so `test` reports bits/dim.
 """
 
 from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from ..core.data_range import bytes_to_model
 from ..core.sde import SDE
-from .sharding import RawRows, eval_loader
 from .spec import DataSpec
-from .synthetic import _FreshBatches, _ResumableLoader, train_key
+from .streams import SampledDataModule
 
 __all__ = ["QuantizedMarginal", "DiscreteProduct", "DiscreteDataModule", "MARGINALS", "SHAPES", "KINDS"]
 
@@ -198,7 +195,7 @@ class DiscreteProduct:
         return fn
 
 
-class DiscreteDataModule(L.LightningDataModule):
+class DiscreteDataModule(SampledDataModule):
     """8-bit data with exact entropy; train floats on the grid, val/test uint8.
 
     Args:
@@ -215,23 +212,16 @@ class DiscreteDataModule(L.LightningDataModule):
     def __init__(self, shape: str = "1d", kind: str = "discrete", centered: bool = True, batch_size: int = 256,
                  eval_batch_size: int = 256, steps_per_epoch: int = 100, val_size: int = 1000, test_size: int = 2000,
                  seed: int = 0):
-        super().__init__()
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {list(SHAPES)}, got {shape!r}")
-        for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                           ("steps_per_epoch", steps_per_epoch), ("val_size", val_size), ("test_size", test_size)):
-            if int(value) <= 0:
-                raise ValueError(f"{arg} must be a positive integer, got {value}")
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, steps_per_epoch=steps_per_epoch,
+                         val_size=val_size, test_size=test_size, seed=seed)
         self.save_hyperparameters()
         self.shape, self.kind, self.centered = shape, kind, bool(centered)
         self.sample_shape, index = SHAPES[shape]
         self.distribution = DiscreteProduct([QuantizedMarginal(*m) for m in MARGINALS], index, kind, centered)
         if shape == "image":
             self.image_shape = self.sample_shape
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.steps_per_epoch, self.val_size, self.test_size, self.seed = int(steps_per_epoch), int(val_size), int(test_size), int(seed)
-        self._val: Tensor | None = None
-        self._test: Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -260,27 +250,8 @@ class DiscreteDataModule(L.LightningDataModule):
                         name=f"discrete-{self.shape}-{self.kind}", entropy=self.entropy,
                         log_prob_bytes=self.distribution.log_prob_bytes)
 
-    def _train_sample(self, n: int, g: torch.Generator) -> Tensor:
-        return self.to_model_range(self.sample_bytes(n, g))
+    def draw_train(self, n: int, generator: torch.Generator) -> Tensor:
+        return self.to_model_range(self.sample_bytes(n, generator))
 
-    def _train_key(self) -> tuple[int, int, int]:
-        return train_key(self.trainer, self.seed)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self._val is None:
-            self._val = self.sample_bytes(self.val_size, torch.Generator().manual_seed(self.seed + 1))
-        if self._test is None:
-            self._test = self.sample_bytes(self.test_size, torch.Generator().manual_seed(self.seed + 2))
-
-    def train_dataloader(self) -> DataLoader:
-        # the synthetic data's stream: batch i of an epoch from (seed, rank, epoch, i), resumable mid-epoch
-        return _ResumableLoader(_FreshBatches(self._train_sample, self.batch_size, self.steps_per_epoch,
-                                              self._train_key))
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return eval_loader(RawRows(self._val), self.eval_batch_size, self.trainer)  # each point once under DDP
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return eval_loader(RawRows(self._test), self.eval_batch_size, self.trainer)
+    def draw_eval(self, n: int, generator: torch.Generator) -> Tensor:
+        return self.sample_bytes(n, generator)  # uint8: the module dequantizes the evaluation points

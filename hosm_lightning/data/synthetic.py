@@ -8,17 +8,13 @@ fixed sets seeded by seed + 1 and seed + 2, identical on every rank.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
 
-import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.mixtures import GaussianMixture, paper_mog1d
-from .sharding import eval_sampler
 from .spec import DataSpec
+from .streams import SampledDataModule
 
 __all__ = ["checkerboard", "swissroll", "SyntheticDataModule", "DATASETS", "exact_logp_2d", "CHECKERBOARD_LOGP"]
 
@@ -78,74 +74,7 @@ def swissroll(n: int, g: torch.Generator | None = None) -> Tensor:
     return (roll + offsets)[perm].float()
 
 
-def _seeded(*key: int) -> torch.Generator:
-    """CPU generator seeded from a tuple of ints via numpy's SeedSequence (well-mixed, collision-free)."""
-    state = np.random.SeedSequence([int(k) % 2**63 for k in key]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
-
-class _FreshBatches:
-    """Yields ``steps`` fresh batches [batch_size, d]; batch i of an epoch is drawn from a generator
-    seeded with (*key(), i), where key() = (seed, rank, epoch) is read at each ``iter()``.
-
-    Every batch is a pure function of (seed, rank, epoch, i), so a run resumed mid-epoch (see
-    :class:`_ResumableLoader`) sees exactly the batches the uninterrupted run would have seen.
-    A plain iterable with a length, not a torch ``IterableDataset``: batches are drawn in the main
-    process (no workers, so no duplicated data across workers), which is also why Lightning has
-    no reason to warn about an ``IterableDataset`` with ``__len__``.
-    """
-
-    def __init__(self, sampler: Callable[[int, torch.Generator], Tensor], batch_size: int, steps: int,
-                 key: Callable[[], tuple[int, ...]]):
-        self.sampler, self.batch_size, self.steps, self.key = sampler, batch_size, steps, key
-        self.start = 0  # first batch index of the next iteration (set when resuming)
-        self.yielded = 0  # batches of the current epoch handed out so far
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[Tensor]:
-        key, start = self.key(), self.start
-        self.start = 0
-        for i in range(start, self.steps):
-            self.yielded = i + 1
-            yield self.sampler(self.batch_size, _seeded(*key, i))
-
-
-class _ResumableLoader:
-    """The training iterable: ``len()`` batches per epoch, and a ``state_dict`` that Lightning saves in
-    checkpoints so that a mid-epoch resume continues the same data stream."""
-
-    def __init__(self, dataset: _FreshBatches):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return iter(self.dataset)
-
-    def state_dict(self) -> dict:
-        return {"yielded": self.dataset.yielded}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.start = int(state.get("yielded", 0)) % max(self.dataset.steps, 1)
-
-
-def train_key(trainer, seed: int) -> tuple[int, int, int]:
-    """(seed, global_rank, current_epoch) of the training stream, read from the attached trainer
-    (rank 0, epoch 0 if none)."""
-    rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-    epoch = int(getattr(trainer, "current_epoch", 0) or 0) if trainer is not None else 0
-    return seed, rank, epoch
-
-
-def _stack_first(batch: list[tuple[Tensor]]) -> Tensor:
-    """Collate TensorDataset items into one tensor (not a list)."""
-    return torch.stack([item[0] for item in batch])
-
-
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(SampledDataModule):
     """Toy data of the paper; batches are float32 tensors [B, dim] (no labels, no tuples).
 
     Args:
@@ -173,16 +102,12 @@ class SyntheticDataModule(L.LightningDataModule):
         variances: list | None = None,
         weights: list | None = None,
     ):
-        super().__init__()
         if name not in DATASETS:
             raise ValueError(f"unknown synthetic dataset {name!r}; choose one of {list(DATASETS)}")
-        for arg, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch),
-                           ("val_size", val_size), ("test_size", test_size)):
-            if int(value) <= 0:
-                raise ValueError(f"{arg} must be a positive integer, got {value}")
+        super().__init__(batch_size=batch_size, eval_batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                         val_size=val_size, test_size=test_size, seed=seed)
         self.save_hyperparameters()
-        self.name, self.batch_size, self.steps_per_epoch = name, int(batch_size), int(steps_per_epoch)
-        self.val_size, self.test_size, self.seed = int(val_size), int(test_size), int(seed)
+        self.name = name
         self._mixture: GaussianMixture | None = None
         if name == "mog1d":
             self._mixture = paper_mog1d()
@@ -191,8 +116,6 @@ class SyntheticDataModule(L.LightningDataModule):
                 raise ValueError("name='gmm' needs `means` ([K, D] or [K]) and `variances`; `weights` is optional")
             self._mixture = GaussianMixture(means, variances, weights)
         self._entropy: float | None = None
-        self._val: Tensor | None = None
-        self._test: Tensor | None = None
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -231,29 +154,5 @@ class SyntheticDataModule(L.LightningDataModule):
             return swissroll(n, generator)
         return self._mixture.sample(n, generator)
 
-    # -- Lightning hooks ------------------------------------------------------------------------
-    def _train_key(self) -> tuple[int, int, int]:
-        return train_key(self.trainer, self.seed)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self._val is None:
-            self._val = self.sample(self.val_size, torch.Generator().manual_seed(self.seed + 1))
-        if self._test is None:
-            self._test = self.sample(self.test_size, torch.Generator().manual_seed(self.seed + 2))
-
-    def train_dataloader(self) -> DataLoader:
-        ds = _FreshBatches(self.sample, self.batch_size, self.steps_per_epoch, self._train_key)
-        return _ResumableLoader(ds)
-
-    def _fixed_loader(self, data: Tensor) -> DataLoader:
-        ds = TensorDataset(data)  # each point once across DDP ranks (no sampler padding)
-        return DataLoader(ds, batch_size=min(self.batch_size, len(data)), shuffle=False, collate_fn=_stack_first,
-                          sampler=eval_sampler(ds, self.trainer))
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._fixed_loader(self._val)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._fixed_loader(self._test)
+    #: training batches and the validation / test sets are plain samples of the distribution
+    draw_train = draw_eval = sample

@@ -1,4 +1,4 @@
-"""Lightning callbacks: density/sample plots during validation, and a resumable checkpoint on Ctrl-C.
+"""Lightning callbacks: density/sample plots during validation.
 
 The work happens in ``on_validation_batch_end`` of the first validation batch rather than at the
 end of the epoch: Lightning's ``EMAWeightAveraging`` swaps the EMA weights in at
@@ -18,17 +18,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.loggers import TensorBoardLogger
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from ..core.ode_options import ODEOptions
+from ..core.ode import ODEOptions
+from ..data.sharding import batch_tensor
 from ..data.spec import describe
-from .module import batch_tensor
-from .plots import density_figure_1d, density_figure_2d, image_grid, samples_figure, save_figure
+from ..plots import density_figure_1d, density_figure_2d, image_grid, samples_figure, save_figure
 
-__all__ = ["DensityPlotCallback", "InterruptCheckpoint"]
+__all__ = ["DensityPlotCallback"]
 
 
 class DensityPlotCallback(L.Callback):
@@ -123,18 +120,18 @@ class DensityPlotCallback(L.Callback):
         """ODE samples of the (EMA) score model, from a fixed prior draw so plots compare across steps."""
         start = time.perf_counter()
         x_T = pl_module.sde.prior_sample(shape, generator=pl_module.generator("plot"), device=pl_module.device)
-        x, info = pl_module.sample(x_T, pl_module.ode.replace(**self.ode))
-        self.last_info.update(sample_nfe=info["nfe"], sample_seconds=time.perf_counter() - start)
-        return x.to(dtype)
+        out = pl_module.sample(x_T, pl_module.ode.replace(**self.ode))
+        self.last_info.update(sample_nfe=out.nfe, sample_seconds=time.perf_counter() - start)
+        return out.x.to(dtype)
 
     def _logp(self, pl_module, pts: Tensor, chunk: int = 1024) -> Tensor:
         """Model log-likelihood (nats) of ``pts`` [N, D], in chunks (one ODE solve each)."""
         gen, start, nfe, parts = pl_module.generator("plot-ll"), time.perf_counter(), 0, []
         ode = pl_module.ode.replace(**self.ode)
         for piece in pts.split(chunk):
-            logp, info = pl_module.log_likelihood(piece.contiguous(), gen, ode)
-            parts.append(logp.detach())
-            nfe += int(info.get("nfe", 0))
+            lik = pl_module.log_likelihood(piece.contiguous(), gen, ode)
+            parts.append(lik.logp.detach())
+            nfe += lik.nfe
         self.last_info.update(density_nfe=nfe, density_seconds=time.perf_counter() - start)
         return torch.cat(parts)
 
@@ -183,33 +180,6 @@ class DensityPlotCallback(L.Callback):
     def _log_figure(trainer, tag: str, fig, step: int) -> None:
         for logger in _tensorboards(trainer):
             logger.experiment.add_figure(tag, fig, global_step=step, close=False)
-
-
-class InterruptCheckpoint(L.Callback):
-    """On Ctrl-C (KeyboardInterrupt) or SIGTERM during ``fit``, write ``last.ckpt`` so that
-    ``fit --ckpt_path last`` resumes the run, even before the first periodic checkpoint.
-
-    The file goes where the (first) ``ModelCheckpoint`` writes, ``<default_root_dir>/checkpoints`` by
-    default. Other exceptions (a bug, a non-finite loss) write nothing: the last periodic checkpoint
-    stays the resume point. Every rank calls it (Ctrl-C and SIGTERM reach all processes of a job).
-    """
-
-    #: path of the checkpoint written on the last interrupt (None if none)
-    last_path: str | None = None
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
-            return
-        if trainer.sanity_checking or trainer.global_step == 0:
-            return  # nothing trained yet: nothing worth resuming
-        cb = next(iter(trainer.checkpoint_callbacks), None)
-        dirpath = getattr(cb, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
-        path = os.path.join(dirpath, "last.ckpt")
-        trainer.save_checkpoint(path)
-        if cb is not None and getattr(cb, "save_last", False):
-            cb.last_model_path = path
-        self.last_path = path
-        rank_zero_info(f"interrupted at step {trainer.global_step}: wrote {path} (resume with --ckpt_path last)")
 
 
 def _tensorboards(trainer) -> list:

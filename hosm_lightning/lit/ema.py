@@ -1,35 +1,31 @@
-"""EMA of the weights that never leaves the model worse off than its raw weights.
+"""EMA of the weights for short runs and fine-tuning: Lightning's weight averaging with a decay warm-up.
 
-:class:`HOSMEMA` is Lightning's ``EMAWeightAveraging`` with four changes that matter for short runs
-and fine-tuning (issue 11):
+:class:`HOSMEMA` is Lightning's ``WeightAveraging`` with an exponential moving average and three
+additions, all through Lightning's public interface:
 
 - ``update_starting_at_step`` may be a fraction of ``trainer.max_steps`` (``0.05`` = the first 5 %
-  of the run are not averaged), so a short run averages too instead of never starting;
+  of the run are not averaged), so a short run averages too instead of never starting; a start at
+  or after the end of the run is a configuration error (the average would never be updated, and
+  Lightning would copy the initial weights over the trained ones at the end);
 - a warm-up of the decay, ``min(decay, (1 + n) / (10 + n))`` after n updates, so the first
   (untrained) weights are forgotten within tens of steps instead of thousands (with decay 0.999
   and no warm-up, 82 % of the average after 200 steps is still the step-1 weights);
-- while the average has not been updated yet it *is* the current weights: it is re-synchronised
-  from the model at the start of fit, before every validation and before every checkpoint, so
-  ``init_from`` weights (loaded by ``HOSMModule.setup``, after Lightning's callback ``setup`` copied
-  the freshly initialised network) are what validation, plots and checkpoints see at step 0;
-- at the end of training a never-updated average is *not* copied into the model (Lightning would
-  replace the trained weights by the initial ones); the trained weights are kept, with one warning.
+- outside ``fit`` (``test``/``validate``/``likelihood``/``sample`` from a checkpoint) it loads nothing:
+  the checkpoint's ``state_dict`` already holds the averaged weights.
 
-Outside ``fit`` (``test``/``validate``/``likelihood``/``sample`` from a checkpoint) it does nothing: the
-checkpoint's ``state_dict`` already holds the averaged weights. Its checkpoint state key is
-``EMAWeightAveraging``, so checkpoints written with Lightning's callback resume with this one.
+The averaged copy is made when ``fit`` starts; ``model.fit.init_from`` weights are loaded when the
+module is built, before that, so the average starts from them. Checkpoints hold the average in
+``state_dict`` and the raw weights in ``current_model_state``.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__ = ["HOSMEMA", "warmup_decay"]
 
@@ -44,15 +40,16 @@ def _ema_update(avg: list, cur: list, num_averaged, *, decay: float, warmup: boo
     """avg ← d·avg + (1 − d)·cur; ``num_averaged`` (a device tensor, >= 1 here: the first update
     copies) counts the updates so far. The warm-up decay stays on the device (no host sync)."""
     if not warmup:
-        torch._foreach_lerp_(avg, cur, 1.0 - decay)
+        for a, c in zip(avg, cur):
+            a.lerp_(c, 1.0 - decay)
         return
     n = num_averaged.to(dtype=torch.float32)
     d = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
-    torch._foreach_mul_(avg, d.to(avg[0].dtype))
-    torch._foreach_add_(avg, torch._foreach_mul(cur, (1.0 - d).to(cur[0].dtype)))
+    for a, c in zip(avg, cur):
+        a.mul_(d.to(a.dtype)).add_(c * (1.0 - d).to(c.dtype))
 
 
-class HOSMEMA(EMAWeightAveraging):
+class HOSMEMA(WeightAveraging):
     """Exponential moving average of the weights for validation, plots, checkpoints and evaluation.
 
     Args:
@@ -86,28 +83,28 @@ class HOSMEMA(EMAWeightAveraging):
                              f"max_steps in [0, 1), got {start!r}")
         if start is not None and start < 0:
             raise ValueError(f"HOSMEMA.update_starting_at_step must be >= 0, got {start!r}")
-        super().__init__(device=device, use_buffers=use_buffers, decay=decay,
-                         update_every_n_steps=update_every_n_steps, update_starting_at_step=None,
-                         update_starting_at_epoch=update_starting_at_epoch)
-        # replace the parent's fixed-decay avg_fn (AveragedModel takes only one of the two)
-        self._kwargs.pop("avg_fn", None)
-        self._kwargs["multi_avg_fn"] = functools.partial(_ema_update, decay=float(decay), warmup=bool(warmup))
+        super().__init__(device=device, use_buffers=use_buffers,
+                         multi_avg_fn=functools.partial(_ema_update, decay=float(decay), warmup=bool(warmup)))
         self.decay, self.warmup = float(decay), bool(warmup)
+        self.update_every_n_steps, self.update_starting_at_epoch = int(update_every_n_steps), update_starting_at_epoch
         #: as given (int step, fraction, or None); the resolved step is ``update_starting_at_step``
         self.start_spec = start
         self.update_starting_at_step = None if start is None or isinstance(start, float) and start < 1 else int(start)
-        self._warned_empty = False
 
     @property
     def state_key(self) -> str:
-        # Same key as Lightning's EMAWeightAveraging: checkpoints of either callback resume with either.
+        # Lightning's EMAWeightAveraging key: checkpoints of either callback resume with either.
         return "EMAWeightAveraging"
 
-    # -- helpers --------------------------------------------------------------------------------
-    @property
-    def num_updates(self) -> int:
-        """Number of updates of the average so far (0: it is still a copy of the current weights)."""
-        return 0 if self._average_model is None else int(self._average_model.n_averaged)
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Every ``update_every_n_steps`` optimizer steps from ``update_starting_at_step`` on; at the end
+        of every epoch from ``update_starting_at_epoch`` on."""
+        if step_idx is not None:
+            started = self.update_starting_at_step is None or step_idx >= self.update_starting_at_step
+            if started and step_idx % self.update_every_n_steps == 0:
+                return True
+        return epoch_idx is not None and self.update_starting_at_epoch is not None \
+            and epoch_idx >= self.update_starting_at_epoch
 
     def _resolve_start(self, trainer) -> None:
         start, max_steps = self.start_spec, int(getattr(trainer, "max_steps", -1) or -1)
@@ -119,60 +116,30 @@ class HOSMEMA(EMAWeightAveraging):
                 )
             self.update_starting_at_step = int(start * max_steps)
         first = self.update_starting_at_step or 0
-        if 0 < max_steps <= first:
-            rank_zero_warn(
-                f"HOSMEMA: the weight average starts at step {first} but the run ends at max_steps={max_steps}: "
-                "it will never be updated, and the trained weights are kept. Lower "
-                "update_starting_at_step (e.g. a fraction such as 0.05)."
+        if 0 < max_steps <= first and self.update_starting_at_epoch is None:
+            raise ValueError(
+                f"HOSMEMA starts averaging at step {first} but the run ends at max_steps={max_steps}, so the average "
+                "would never be updated: lower update_starting_at_step (e.g. a fraction such as 0.05), or remove "
+                "the HOSMEMA callback"
             )
-            self._warned_empty = True
 
-    def _sync_if_empty(self, pl_module) -> None:
-        """A never-updated average is the current weights (e.g. after ``init_from`` or a resume)."""
-        if self._average_model is None or self.num_updates > 0:
-            return
-        with torch.no_grad():
-            avg = itertools.chain(self._average_model.module.parameters(), self._average_model.module.buffers())
-            cur = itertools.chain(pl_module.parameters(), pl_module.buffers())
-            for a, c in zip(avg, cur):
-                a.detach().copy_(c.detach().to(a.device))
-
-    # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self._resolve_start(trainer)
         super().setup(trainer, pl_module, stage)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._sync_if_empty(pl_module)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._sync_if_empty(pl_module)
-
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._sync_if_empty(pl_module)
-        super().on_validation_epoch_start(trainer, pl_module)
+        # Only fit's validation swaps the average in: a `validate` after a fit in the same process
+        # evaluates the weights it was given (a checkpoint's state_dict), not the fit's last average.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_validation_epoch_start(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        self._sync_if_empty(pl_module)
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_validation_epoch_end(trainer, pl_module)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         # Outside fit the checkpoint's state_dict (the averaged weights) is what we evaluate; Lightning's
         # callback would warn, or (after a fit in the same process) load the raw weights instead.
-        if self._average_model is None or trainer.state.fn != TrainerFn.FITTING:
-            return
-        super().on_load_checkpoint(trainer, pl_module, checkpoint)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._average_model is None:
-            return
-        if self.num_updates == 0:
-            if not self._warned_empty:
-                rank_zero_warn(
-                    f"HOSMEMA: the weight average was never updated (run ended at step {trainer.global_step}, "
-                    f"averaging starts at step {self.update_starting_at_step}): keeping the trained weights."
-                )
-                self._warned_empty = True
-            return
-        super().on_train_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

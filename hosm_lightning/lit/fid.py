@@ -2,8 +2,9 @@
 
 :class:`FIDCallback` is a Lightning callback. At the end of the test epoch it:
 
-1. draws ``num_samples`` samples with :func:`~hosm_lightning.core.likelihood.ode_sample`. The
-   samples are split over the ranks in contiguous blocks of indices. Sample ``i`` starts from
+1. draws ``num_samples`` samples with the module's sampling path (``HOSMModule.sample``). The
+   sample indices are split over the ranks by the project's one sharding rule
+   (``data/sharding.py`` ``shard_indices``). Sample ``i`` starts from
    x_T drawn with its own generator seeded with (seed, 'fid', i), so the set of starting points
    does not depend on the number of GPUs or on the batch size. The adaptive solver controls
    its error over the whole batch, so the final samples agree across splits to about the
@@ -14,10 +15,12 @@
 3. feeds torchmetrics' ``FrechetInceptionDistance``. The metric is created here, at test time,
    and is not an attribute of the LightningModule, so it is never checkpointed or EMA-averaged.
    Every rank calls ``compute()``, which sum-allreduces the feature statistics;
-4. takes the real statistics (mean, cov, n) of the training images from a cache file keyed by
-   the feature extractor and the data. They are computed once, sharded over the ranks, and
-   written by rank 0. They are loaded into the metric on rank 0 only, so the sum-allreduce in
-   ``compute()`` reproduces them exactly;
+4. takes the real statistics of the training images from a cache file keyed by the feature
+   extractor and the data: the metric's own state (``persistent`` states, ``state_dict``), summed
+   over the ranks. They are computed once, sharded over the ranks (``update(real=True)``), and
+   written by rank 0; on a cache hit rank 0 loads them (``load_state_dict``) and the other ranks
+   keep zeros, so the sum in ``compute()`` reproduces them exactly. Only torchmetrics' public
+   interface is used;
 5. logs ``test/fid`` and ``test/fid_n``, warns that FID with fewer than 50 000 samples is not
    comparable to published numbers, logs a sample grid (``test/samples``) to TensorBoard, and
    (rank 0) writes a JSON record with n, the reference set and the extractor.
@@ -30,7 +33,6 @@ raises one error that names the file and where to put it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -44,68 +46,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ..core.data_range import model_to_bytes
-from ..core.likelihood import seeded_prior
-from ..core.ode_options import ODEOptions
+from ..core.ode import ODEOptions, seeded_prior
+from ..data.sharding import shard_indices
 from ..data.spec import describe
-from .plots import image_grid
+from ..inception import file_digest, inception_weights_file, module_digest, tensor_digest, write_pngs
+from ..plots import image_grid
 
-__all__ = ["FIDCallback", "INCEPTION_WEIGHTS_FILE", "inception_weights_file", "quantize", "sample_shard"]
+__all__ = ["FIDCallback"]
 
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 PAPER_N = 50_000
-
-
-def inception_weights_file(weights_path: str | None) -> Path:
-    """The Inception weights file the default extractor will read; FileNotFoundError (one clear
-    message naming the file and both places) if it is not there. Never downloads."""
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    if weights_path is not None:
-        path = Path(os.path.expanduser(weights_path))
-        if path.is_file():
-            return path
-        where = f"the configured feature_extractor_weights_path {path} does not exist"
-    elif hub.is_file():
-        return hub
-    else:
-        where = f"no feature_extractor_weights_path is configured and the torch hub cache has no {hub}"
-    raise FileNotFoundError(
-        f"FID needs the Inception-v3 weights file {INCEPTION_WEIGHTS_FILE} (torch-fidelity's "
-        f"'inception-v3-compat', {INCEPTION_WEIGHTS_URL}), but {where}. Place the file at "
-        f"{path if weights_path is not None else hub} "
-        "(either set FIDCallback.feature_extractor_weights_path to a local copy, or put the file into "
-        "$TORCH_HOME/hub/checkpoints/, i.e. "
-        f"{hub.parent}/); compute nodes without internet cannot download it"
-    )
-
-
-#: model-range images → uint8, exactly as a saved PNG (core/data_range.py)
-quantize = model_to_bytes
-
-
-def sample_shard(n: int, world_size: int, rank: int) -> range:
-    """This rank's sample indices: a contiguous, balanced block (every rank gets >= 1 if n >= world_size)."""
-    return range(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-def _file_digest(path: Path, n: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
-def _module_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def _tensor_digest(x: Tensor) -> str:
-    return hashlib.sha256(x.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 class FIDCallback(L.Callback):
@@ -192,9 +141,9 @@ class FIDCallback(L.Callback):
         if self.feature_module is not None:
             m = self.feature_module
             name = getattr(m, "fid_key", None) or f"{type(m).__module__}.{type(m).__qualname__}"
-            return f"custom:{name}:params={_module_digest(m)}"
+            return f"custom:{name}:params={module_digest(m)}"
         weights = inception_weights_file(self.weights_path)
-        return f"torch-fidelity:inception-v3-compat:feature={self.feature}:weights_sha256={_file_digest(weights)}"
+        return f"torch-fidelity:inception-v3-compat:feature={self.feature}:weights_sha256={file_digest(weights)}"
 
     def make_metric(self, image_shape: tuple, device) -> nn.Module:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -225,18 +174,12 @@ class FIDCallback(L.Callback):
         metric = self.make_metric(image_shape, device)
         key = self.extractor_key()
         real = _real_images(spec)
-        data_key = f"n={len(real)}:shape={tuple(real.shape[1:])}:sha256={_tensor_digest(real)}"
-        stats = self._real_stats(trainer, metric, real, key, data_key)
-        if rank == 0:  # the other ranks contribute zeros: compute()'s sum-allreduce gives the exact statistics
-            n = stats["n"]
-            mean, cov = stats["mean"].to(device, torch.float64), stats["cov"].to(device, torch.float64)
-            metric.real_features_sum = n * mean
-            metric.real_features_cov_sum = (n - 1) * cov + n * torch.outer(mean, mean)
-            metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
-        shard = sample_shard(self.num_samples, world, rank)
+        data_key = f"n={len(real)}:shape={tuple(real.shape[1:])}:sha256={tensor_digest(real)}"
+        self._real_stats(trainer, metric, real, key, data_key)
+        shard = shard_indices(self.num_samples, world, rank)
         grid, nfes = self._generate(trainer, pl_module, metric, image_shape, centered, shard, ode)
         fid = float(metric.compute())  # every rank: sum-allreduce of the feature statistics
-        n_real = int(trainer.strategy.broadcast(int(stats["n"]), src=0))
+        n_real = len(real)
         nfe = trainer.strategy.reduce(torch.tensor([float(sum(nfes)), float(len(nfes))], dtype=torch.float64,
                                                    device=device), reduce_op="sum")
         self.results = {
@@ -265,16 +208,17 @@ class FIDCallback(L.Callback):
         if png is not None:
             png.mkdir(parents=True, exist_ok=True)
         nonfinite = 0
-        for lo in range(shard.start, shard.stop, self.batch_size):
-            ids = range(lo, min(lo + self.batch_size, shard.stop))
+        for lo in range(0, len(shard), self.batch_size):
+            ids = shard[lo:lo + self.batch_size]
             x_T = seeded_prior(pl_module.sde, ids, image_shape, self.seed, "fid", device=device)
-            x, info = pl_module.sample(x_T, ode, denoise=self.denoise)
-            nfes.append(info["nfe"])
+            out = pl_module.sample(x_T, ode, denoise=self.denoise)
+            x = out.x
+            nfes.append(out.nfe)
             nonfinite += int((~torch.isfinite(x.flatten(1)).all(1)).sum())
-            u8 = quantize(x, centered)
+            u8 = model_to_bytes(x, centered)
             metric.update(u8, real=False)
             if png is not None:
-                _write_pngs(u8, ids, png)
+                write_pngs(u8, ids, png)
             have = sum(len(k) for k in keep)
             if trainer.is_global_zero and have < self.grid_size:
                 keep.append(x[: self.grid_size - have].cpu())
@@ -287,27 +231,32 @@ class FIDCallback(L.Callback):
         return grid, nfes
 
     # -- real statistics ------------------------------------------------------------------------
-    def _real_stats(self, trainer, metric, real: Tensor, key: str, data_key: str) -> dict:
-        """mean/cov/n of the real images' features: from the cache (decided on rank 0 and broadcast,
-        so all ranks take the same branch) or computed sharded over the ranks and cached."""
+    def _real_stats(self, trainer, metric, real: Tensor, key: str, data_key: str) -> None:
+        """Put the real images' feature statistics into ``metric``: from the cache (decided on rank 0 and
+        broadcast, so all ranks take the same branch; loaded on rank 0 only) or computed sharded over
+        the ranks and cached by rank 0."""
         cached = self._load_cache(key, data_key) if trainer.is_global_zero else None
-        use_cache = trainer.strategy.broadcast(cached is not None, src=0)
-        if use_cache:
-            if cached is None:  # other ranks: only rank 0 loads the statistics into the metric
-                return {"n": 0, "mean": None, "cov": None}
-            return cached
-        stats = self.compute_real_stats(trainer, metric, real)
-        if trainer.is_global_zero and self.real_stats_cache:
-            path = Path(self.real_stats_cache)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            torch.save({"mean": stats["mean"].cpu(), "cov": stats["cov"].cpu(), "n": int(stats["n"]), "key": key,
-                        "data": data_key}, tmp)
-            os.replace(tmp, path)
-            rank_zero_info(f"FID: wrote real statistics (n={stats['n']}) to {path}")
-        return stats
+        if trainer.strategy.broadcast(cached is not None, src=0):
+            if cached is not None:
+                metric.load_state_dict({k: v.to(metric.device) for k, v in cached.items()}, strict=False)
+            return
+        self.real_stats_computed += 1
+        shard = shard_indices(len(real), max(int(trainer.world_size), 1), int(trainer.global_rank))
+        for lo in range(0, len(shard), self.batch_size):
+            metric.update(real[shard[lo:lo + self.batch_size]].to(metric.device), real=True)
+        if self.real_stats_cache:
+            with metric.sync_context():  # every rank joins the sum; rank 0 writes it
+                if trainer.is_global_zero:
+                    path = Path(self.real_stats_cache)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(path.suffix + ".tmp")
+                    state = {k: v.detach().cpu() for k, v in metric.metric_state.items()}
+                    torch.save({"state": state, "n": len(real), "key": key, "data": data_key}, tmp)
+                    os.replace(tmp, path)
+                    rank_zero_info(f"FID: wrote real statistics (n={len(real)}) to {path}")
 
     def _load_cache(self, key: str, data_key: str) -> dict | None:
+        """The cached metric state if the file exists and matches the extractor and the data, else None."""
         if not self.real_stats_cache or not Path(self.real_stats_cache).is_file():
             return None
         try:
@@ -315,39 +264,11 @@ class FIDCallback(L.Callback):
         except Exception as err:  # unreadable: recompute and overwrite
             rank_zero_warn(f"FID: cannot read {self.real_stats_cache} ({err}); recomputing the real statistics")
             return None
-        if not isinstance(obj, dict) or obj.get("key") != key or obj.get("data") != data_key:
+        if not isinstance(obj, dict) or obj.get("key") != key or obj.get("data") != data_key or "state" not in obj:
             rank_zero_warn(f"FID: {self.real_stats_cache} was computed with another extractor or other data "
                            f"({obj.get('key') if isinstance(obj, dict) else '?'}); recomputing")
             return None
-        return {"mean": obj["mean"].double(), "cov": obj["cov"].double(), "n": int(obj["n"])}
-
-    def compute_real_stats(self, trainer, metric, real: Tensor) -> dict:
-        """Feature mean/cov of ``real`` (uint8 [N, C, H, W]), sharded over ranks, summed with 3 all-reduces."""
-        self.real_stats_computed += 1
-        device, world, rank = metric.real_features_sum.device, max(int(trainer.world_size), 1), int(trainer.global_rank)
-        d = metric.real_features_sum.shape[0]
-        s1 = torch.zeros(d, dtype=torch.float64, device=device)
-        s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
-        shard = sample_shard(len(real), world, rank)
-        for lo in range(shard.start, shard.stop, self.batch_size):
-            feats = metric.inception(real[lo:min(lo + self.batch_size, shard.stop)].to(device)).double().reshape(-1, d)
-            s1 += feats.sum(0)
-            s2 += feats.T @ feats
-        count = torch.tensor(float(len(shard)), dtype=torch.float64, device=device)
-        s1, s2, count = (trainer.strategy.reduce(t, reduce_op="sum") for t in (s1, s2, count))
-        n = int(round(float(count)))
-        mean = s1 / n
-        cov = (s2 - n * torch.outer(mean, mean)) / (n - 1)
-        return {"mean": mean, "cov": cov, "n": n}
-
-
-def _write_pngs(u8: Tensor, ids: range, folder: Path) -> None:
-    # Pillow (a matplotlib dependency), not torchvision.io: torchvision deprecates its image IO
-    from PIL import Image
-
-    for img, i in zip(u8.cpu(), ids):
-        arr = img.permute(1, 2, 0).numpy()
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{i:06d}.png")
+        return obj["state"]
 
 
 def _real_images(spec) -> Tensor:

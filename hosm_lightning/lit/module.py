@@ -1,12 +1,12 @@
 """LightningModule: a score network trained with a staged 1st/2nd/3rd-order DSM objective.
 
-total = dsm1 + λ₂ dsm2 + λ₃ dsm3 (docs/design.md (3.5)), computed by ``core.HOSMObjective`` with the
+loss = dsm1 + λ₂ dsm2 + λ₃ dsm3 (docs/design.md (3.5)), computed by ``core.HOSMObjective`` with the
 order of the stage active at the current optimizer step. Validation reports held-out DSM terms and,
-when enabled, the exact ODE likelihood. The module owns the one likelihood path of the project
+when enabled, the exact ODE likelihood; ``test`` computes the exact likelihood of every test point
+(``lit/evaluation.py``). The module owns the one likelihood path of the project
 (:meth:`HOSMModule.log_likelihood` for model-space points, :meth:`HOSMModule.bits_per_dim` for 8-bit
 data) and the one sampling path (:meth:`HOSMModule.sample`), all with the module's
-:class:`ODEOptions`; validation, the evaluator, the plots, FID and the CLI call them. Whole-split test
-metrics come from the ``LikelihoodEvaluator`` / ``FIDCallback`` callbacks.
+:class:`ODEOptions`; validation, test, the plots, FID and the CLI call them.
 The math lives in ``hosm_lightning.core``; this layer composes, weights and logs.
 """
 
@@ -17,31 +17,27 @@ import dataclasses
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ..checkpoints import check_signature, init_from_checkpoint
 from ..core.data_range import bytes_to_model
-from ..core.dequantization import bits_per_dim
-from ..core.likelihood import ode_log_likelihood, ode_sample
-from ..core.losses import rademacher, resolve_divergence
+from ..core.dequantization import DequantizedBound, bits_per_dim
 from ..core.objective import HOSMObjective
-from ..core.ode_options import ODEOptions
+from ..core.ode import Likelihood, ODEOptions, Samples, ode_log_likelihood, ode_sample
 from ..core.sde import SDE, VESDE
 from ..core.seeding import make_generator
+from ..core.stages import Stage, lr_factor, stage_at, validate_stages
+from ..data.sharding import batch_index, batch_tensor
 from ..data.spec import DataSpec, describe
 from ..nets.base import ScoreNet
 from ..nets.score import ScoreModel
-from .checkpoints import check_signature, init_from_checkpoint
-from .options import FitOptions
-from .stages import Stage, lr_factor, stage_at, validate_stages
+from ..options import EvalOptions, FitOptions
+from ..results import result_lines, test_metrics
+from .evaluation import SplitEvaluation
 
-__all__ = ["HOSMModule", "batch_tensor"]
-
-
-def batch_tensor(batch) -> Tensor:
-    """The data tensor of a batch (tensor, or (tensor, labels) tuple/list)."""
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
+__all__ = ["HOSMModule"]
 
 
 class HOSMModule(L.LightningModule):
@@ -57,10 +53,12 @@ class HOSMModule(L.LightningModule):
             sampling (``core.HOSMObjective``; e.g. ``objective: {lambda2: 0.5, lambda3: 0.1}``).
         stages: schedule of DSM orders, e.g. ``[{order: 1, steps: 2000}, {order: 3}]``.
         optimizer: optimizer factory (LightningCLI ``class_path``), default Adam.
-        ode: probability-flow ODE solver settings of every solve (validation, evaluator, plots, FID,
+        ode: probability-flow ODE solver settings of every solve (validation, test, plots, FID,
             ``sample``, ``likelihood``): eps, sample_eps, rtol, atol, method, divergence, step_size.
         fit: the fit loop's settings: warm-up, seed, finite check, per-term gradient norms,
-            validation likelihood, ``init_from`` weights (``lit.options.FitOptions``).
+            validation likelihood, ``init_from`` weights (``options.FitOptions``).
+        evaluation: what ``test`` and the ``likelihood`` command compute for every test point: repeats,
+            dequantization protocols, importance samples, max_samples, ODE overrides, seed (``options.EvalOptions``).
     """
 
     def __init__(
@@ -73,26 +71,40 @@ class HOSMModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         ode: ODEOptions | None = None,
         fit: FitOptions | None = None,
+        evaluation: EvalOptions | None = None,
     ):
         super().__init__()
         self.sde = sde if sde is not None else VESDE()
         self.stages = validate_stages(stages if stages is not None else [Stage(order=1)])
         self.objective = _as(HOSMObjective, objective)
+        self.objective.check_sde(self.sde)
         self.ode = _as(ODEOptions, ode)
         self.fit_options = _as(FitOptions, fit)
-        self.eps = self.objective.eps_for(self.sde)  # the smallest training time, resolved against the SDE
+        self.evaluation = _as(EvalOptions, evaluation)
         # plain data only (checkpoints are loaded with weights_only=True; loggers write these as YAML)
         self.save_hyperparameters({
             "parameterization": parameterization, "stages": [dataclasses.asdict(st) for st in self.stages],
-            "objective": self.objective.as_dict(), "ode": self.ode.as_dict(), "fit": self.fit_options.as_dict()})
+            "objective": self.objective.as_dict(), "ode": self.ode.as_dict(), "fit": self.fit_options.as_dict(),
+            "evaluation": self.evaluation.as_dict()})
         _check_net(net, parameterization, self.stages)
         self.score_model = ScoreModel(net, self.sde, parameterization)
         self.optimizer_factory = optimizer
         #: what the data module offers (set in ``setup``); 8-bit data in [-1, 1] until told otherwise
         self.data_spec = DataSpec()
+        #: the name under which ``test`` logs and seeds its metrics; the ``likelihood`` command sets
+        #: 'val' when it evaluates the validation split
+        self.test_split = "test"
+        #: summary of the latest test epoch (``SplitEvaluation.finish``), the same on every rank
+        self.test_results: dict | None = None
         # Validation means as metrics: torchmetrics sums (value × batch size) and counts across ranks,
         # so uneven shards (each point once, no sampler padding) give the exact global mean.
         self.eval_means = nn.ModuleDict({f"val_{k}": MeanMetric() for k in _VAL_KEYS})
+        if self.fit_options.init_from:
+            # before any callback copies the model (the weight average), and before a resume, which
+            # replaces these weights by the checkpoint's
+            path, ema = self.fit_options.init_from, self.fit_options.init_from_ema
+            fmt = init_from_checkpoint(self, path, ema=ema)
+            rank_zero_info(f"initialised the network from {path} ({fmt} format, ema={ema})")
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -115,64 +127,52 @@ class HOSMModule(L.LightningModule):
         """uint8 data → the model range of the data spec ([0, 1] or [-1, 1]); float data unchanged."""
         return bytes_to_model(x, self.data_spec.centered) if x.dtype == torch.uint8 else x
 
-    def losses(self, x0: Tensor, order: int, generator, check_finite: bool = True,
-               term_grad_norms: bool = False) -> dict[str, Tensor]:
-        """Batch means of the DSM terms up to ``order`` and ``loss`` = their weighted sum (3.5);
-        with ``term_grad_norms`` also ``grad_norm_dsm<k>`` = ‖∇_θ dsm_k‖ of each unweighted term."""
-        terms = self.objective(self.score_model, self.sde, x0, order, generator, check_finite=check_finite)
-        means = {k: v.mean() for k, v in terms.items()}
-        means["loss"] = self.objective.loss(terms)
+    def losses(self, x0: Tensor, order: int, generator, term_grad_norms: bool = False) -> dict[str, Tensor]:
+        """Batch means of the DSM terms up to ``order`` and ``loss``, the mean of the per-sample loss
+        (3.5); with ``term_grad_norms`` also ``grad_norm_dsm<k>`` = ‖∇_θ dsm_k‖ of each unweighted term."""
+        loss, terms = self.objective(self.score_model, self.sde, x0, order, generator)
+        means = {k: v.mean() for k, v in terms.terms().items()}
+        means["loss"] = loss.mean()
         if term_grad_norms:
             params = [p for p in self.parameters() if p.requires_grad]
-            for k in terms:
+            for k in terms.terms():
                 grads = torch.autograd.grad(means[k], params, retain_graph=True, allow_unused=True)
                 norms = [g.detach().norm() for g in grads if g is not None]
                 means[f"grad_norm_{k}"] = torch.stack(norms).norm() if norms else torch.zeros((), device=self.device)
         return means
 
     # -- the one likelihood and sampling path ---------------------------------------------------
-    def log_likelihood(self, x: Tensor, generator=None, ode: ODEOptions | None = None) -> tuple[Tensor, dict]:
+    def log_likelihood(self, x: Tensor, generator=None, ode: ODEOptions | None = None) -> Likelihood:
         """Exact ODE log-likelihood log p_eps(x) (4.1) in nats [B] of model-space points, on the unwrapped
         score model (never the DDP wrapper). ``generator``: one generator, or one per sample (each
         draws its sample's Hutchinson probe; a batch of K·B points takes K probes from each)."""
-        kwargs = (ode or self.ode).likelihood_kwargs(self.sde)
-        v = None
-        if resolve_divergence(kwargs["divergence"], x[0].numel()) == "hutchinson":
-            v = _probes(x, generator)
-        return ode_log_likelihood(self.score_model, self.sde, x, v=v, **kwargs)
+        return ode_log_likelihood(self.score_model, self.sde, x, ode or self.ode, generator=generator)
 
     def bits_per_dim(self, k: Tensor, generator=None, protocol: str = "uniform", num_importance: int = 1,
-                     ode: ODEOptions | None = None) -> tuple[Tensor, dict]:
-        """bits/dim [B] of 8-bit data k (uint8) by dequantization ``protocol`` (4.2 uniform, 4.4
-        truncated normal) with ``num_importance`` samples; ``generator`` as in :meth:`log_likelihood`
-        (the dequantization noise is drawn first, then the probes)."""
-        opts = ode or self.ode
-        nfe = [0]
+                     ode: ODEOptions | None = None) -> tuple[DequantizedBound, int]:
+        """bits/dim of 8-bit data k (uint8) by dequantization ``protocol`` (4.2 uniform, 4.4 truncated
+        normal) with ``num_importance`` samples, and the number of score evaluations; ``generator`` as
+        in :meth:`log_likelihood` (the dequantization noise is drawn first, then the probes)."""
+        opts, nfe = ode or self.ode, [0]
 
         def log_prob(y: Tensor) -> Tensor:
-            logp, info = self.log_likelihood(y.contiguous(), generator, opts)
-            nfe[0] += info["nfe"]
-            return logp
+            lik = self.log_likelihood(y.contiguous(), generator, opts)
+            nfe[0] += lik.nfe
+            return lik.logp
 
-        eps = opts.likelihood_kwargs(self.sde)["eps"]
-        bpd, info = bits_per_dim(log_prob, k, centered=self.data_spec.centered, generator=generator,
-                                 dequantization=protocol, num_importance=num_importance, sde=self.sde, eps=eps)
-        return bpd, {**info, "nfe": nfe[0]}
+        bound = bits_per_dim(log_prob, k, centered=self.data_spec.centered, generator=generator,
+                             dequantization=protocol, num_importance=num_importance, sde=self.sde, eps=opts.eps)
+        return bound, nfe[0]
 
-    def sample(self, x_T: Tensor, ode: ODEOptions | None = None, denoise: bool = False) -> tuple[Tensor, dict]:
+    def sample(self, x_T: Tensor, ode: ODEOptions | None = None, denoise: bool = False) -> Samples:
         """Probability-flow ODE samples from prior draws x_T (integrated from T to sample_eps; with
         ``denoise`` a final Tweedie step)."""
-        kwargs = (ode or self.ode).sample_kwargs(self.sde)
-        return ode_sample(self.score_model, self.sde, x_T=x_T, denoise=denoise, **kwargs)
+        return ode_sample(self.score_model, self.sde, x_T, ode or self.ode, denoise=denoise)
 
     # -- setup checks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         self.data_spec = describe(trainer.datamodule)
-        if stage == "fit" and self.fit_options.init_from and trainer.ckpt_path is None:
-            path, ema = self.fit_options.init_from, self.fit_options.init_from_ema
-            fmt = init_from_checkpoint(self, path, ema=ema)
-            rank_zero_info(f"initialised the network from {path} ({fmt} format, ema={ema})")
         data_dim, net_dim = self.data_spec.dim, getattr(self.net, "dim", None)
         if data_dim is not None and net_dim is not None and data_dim != net_dim:
             raise ValueError(
@@ -199,8 +199,7 @@ class HOSMModule(L.LightningModule):
         # no finiteness check here: a per-rank raise would leave the other DDP ranks waiting in the
         # gradient all-reduce; non-finite values reach the (all-reduced) gradients and are caught in
         # on_before_optimizer_step on every rank at once
-        out = self.losses(x0, stage.order, self.generator("train", self.global_step, batch_idx), check_finite=False,
-                          term_grad_norms=norms)
+        out = self.losses(x0, stage.order, self.generator("train", self.global_step, batch_idx), term_grad_norms=norms)
         self.last_step = _StepRecord(idx, stage.order, {k: v.detach() for k, v in out.items() if k.startswith("dsm")},
                                      torch.isfinite(x0).all())
         bs = x0.shape[0]
@@ -211,9 +210,8 @@ class HOSMModule(L.LightningModule):
         return out["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            total = torch.stack(norms).norm()
+        total = grad_norm(self, norm_type=2).get("grad_2.0_norm_total")
+        if total is not None:
             self.log("train/grad_norm", total)
             if self.fit_options.check_finite_every > 0 and not bool(torch.isfinite(total)):
                 raise FloatingPointError(self._non_finite_message())
@@ -251,10 +249,27 @@ class HOSMModule(L.LightningModule):
         if self.fit_options.val_likelihood:
             self._log_likelihood(x, self.generator("val-ll", batch_idx))
 
+    def on_test_epoch_start(self) -> None:
+        seed = self.fit_options.seed if self.evaluation.seed is None else self.evaluation.seed
+        self._split_eval = SplitEvaluation(self.evaluation, self.data_spec, self.test_split, seed, self.ode)
+
     def test_step(self, batch, batch_idx: int) -> None:
-        """Nothing per batch: the test metrics are whole-split quantities computed by the
-        ``LikelihoodEvaluator`` (nll/bpd, each sample once across ranks) and ``FIDCallback``."""
-        return None
+        """Per-point NLL (nats) or bits/dim of every test point, each once across ranks (lit/evaluation.py)."""
+        x = batch_tensor(batch)
+        index = batch_index(batch)
+        if index is None:  # a loader without indices: number the points by rank and position
+            index = self._split_eval.positions(len(x), self.global_rank, self.trainer.world_size)
+        with torch.inference_mode(False):
+            self._split_eval.update(self, x.clone(), index.clone().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        res = self._split_eval.finish(self)
+        self.test_results = res
+        if res is not None:
+            for key, value in test_metrics(res).items():
+                self.log(key, value, sync_dist=True)  # the same value on every rank
+            for line in result_lines(res):
+                rank_zero_info(line)
 
     def _log_mean(self, key: str, value: Tensor, batch_size: int) -> None:
         """Log the exact mean over all points of the epoch and all ranks (weights = batch sizes)."""
@@ -267,15 +282,15 @@ class HOSMModule(L.LightningModule):
         with torch.inference_mode(False):
             x = x.clone()
             if x.dtype == torch.uint8:
-                bpd, info = self.bits_per_dim(x, generator)
-                self._log_mean("bpd", bpd.mean(), bs)
+                bound, nfe = self.bits_per_dim(x, generator)
+                self._log_mean("bpd", bound.bpd.mean(), bs)
             else:
-                logp, info = self.log_likelihood(x, generator)
-                nll = -logp.mean()
+                lik = self.log_likelihood(x, generator)
+                nfe, nll = lik.nfe, -lik.logp.mean()
                 self._log_mean("nll", nll, bs)
                 if self.data_spec.entropy is not None:
                     self._log_mean("nll_gap", nll - self.data_spec.entropy, bs)
-        self._log_mean("nfe", torch.tensor(float(info["nfe"]), device=x.device), bs)
+        self._log_mean("nfe", torch.tensor(float(nfe), device=x.device), bs)
 
 
 #: metrics of validation_step (see HOSMModule._log_mean)
@@ -297,15 +312,6 @@ def _as(cls, value):
     if value is None:
         return cls()
     return value if isinstance(value, cls) else cls(**dict(value))
-
-
-def _probes(x: Tensor, generator) -> Tensor:
-    """Rademacher probes of x's shape: from one generator, or from one generator per sample (a batch
-    of K·B points, laid out [K, B, ...], takes K probes from each of the B generators)."""
-    if not isinstance(generator, (list, tuple)):
-        return rademacher(x.shape, x, generator)
-    k = x.shape[0] // len(generator)
-    return torch.cat([rademacher((k, 1, *x.shape[1:]), x, g) for g in generator], 1).reshape(x.shape)
 
 
 def _check_net(net: nn.Module, parameterization: str, stages: list[Stage]) -> None:

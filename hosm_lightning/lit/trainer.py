@@ -1,28 +1,25 @@
 """HOSMTrainer: Lightning's Trainer with the ``sample``, ``likelihood`` and ``diagnose`` subcommands.
 
 LightningCLI turns each method's arguments into command-line flags (``python cli.py likelihood --help``).
-Every subcommand goes through the module's one likelihood / sampling path with its ODE options.
+Every subcommand goes through the module's one likelihood / sampling path with its ODE options;
+``likelihood`` is ``test`` (the module's test loop) with its own options and a table.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from ..core.likelihood import seeded_prior
+from ..checkpoints import load_weights
 from ..data.spec import describe
-from .checkpoints import load_weights
-from .evaluation import LikelihoodEvaluator
+from ..results import print_likelihood_table, write_results
+from ..sampling import draw_samples
 from .module import HOSMModule
+from .progress import HOSMProgressBar
 
-__all__ = ["HOSMTrainer", "print_likelihood_table"]
+__all__ = ["HOSMTrainer"]
 
 
 class HOSMTrainer(L.Trainer):
@@ -32,11 +29,6 @@ class HOSMTrainer(L.Trainer):
         super().__init__(*args, **kwargs)
         #: the constructor's settings: ``likelihood`` runs its evaluation in a trainer of its own built from them
         self.init_kwargs = dict(kwargs)
-
-    @property
-    def likelihood_evaluators(self) -> list[LikelihoodEvaluator]:
-        """The configured :class:`LikelihoodEvaluator` callbacks (as ``checkpoint_callbacks`` for checkpoints)."""
-        return [cb for cb in self.callbacks if isinstance(cb, LikelihoodEvaluator)]
 
     def _prepare(self, model: HOSMModule, ckpt_path):
         if ckpt_path is not None:
@@ -73,35 +65,10 @@ class HOSMTrainer(L.Trainer):
             seed: seed of the prior draws (sample i starts from a draw seeded by (seed, i)).
             out_dir: output folder (default ``<trainer.default_root_dir>/samples``).
         """
-        from .plots import image_grid, samples_figure, save_figure  # matplotlib only when needed
-
-        if num_samples <= 0 or batch_size <= 0:
-            raise ValueError("--num_samples and --batch_size must be positive")
         model, device = self._prepare(model, ckpt_path)
-        spec = describe(datamodule)
-        shape = tuple(spec.shape or (model.net.dim,))
-        ode = model.ode.replace(rtol=rtol, atol=atol)
-        chunks, nfes, start = [], [], time.perf_counter()
-        for lo in tqdm(range(0, num_samples, batch_size), desc="sampling", unit="batch"):
-            ids = range(lo, min(lo + batch_size, num_samples))
-            x_T = seeded_prior(model.sde, ids, shape, seed, "sample", device=device)  # per-sample seeds
-            x, info = model.sample(x_T, ode)
-            chunks.append(x.cpu())
-            nfes.append(info["nfe"])
-        samples = torch.cat(chunks)
-        out = self._out_dir(out_dir, "samples")
-        np.savez(out / "samples.npz", samples=samples.numpy(), nfe=np.array(nfes))
-        if len(shape) == 3:
-            from matplotlib.image import imsave
-
-            imsave(out / "samples.png", image_grid(samples[:64], spec.centered).permute(1, 2, 0).numpy())
-        else:
-            ref = spec.sample(num_samples) if spec.sample is not None else None
-            save_figure(samples_figure(samples, ref), out / "samples.png")
-        secs = time.perf_counter() - start
-        if self.is_global_zero:
-            print(f"{num_samples} samples (mean NFE {np.mean(nfes):.0f}, {secs:.1f} s)")
-        return out
+        return draw_samples(model, describe(datamodule), self._out_dir(out_dir, "samples"), num_samples=num_samples,
+                            batch_size=batch_size, ode=model.ode.replace(rtol=rtol, atol=atol), seed=seed,
+                            device=device, verbose=self.is_global_zero)
 
     def diagnose(
         self,
@@ -131,7 +98,7 @@ class HOSMTrainer(L.Trainer):
             seed: seed of the draws (the same points for every checkpoint).
             out_dir: output folder (default <trainer.default_root_dir>/diagnose).
         """
-        from .diagnose import run_diagnose
+        from ..diagnose import run_diagnose
 
         ckpts = [c for c in [ckpt_path, *(compare or [])] if c]
         out = self._out_dir(out_dir, "diagnose")
@@ -147,80 +114,83 @@ class HOSMTrainer(L.Trainer):
         datamodule: L.LightningDataModule,
         ckpt_path: str | None = None,
         split: str = "test",
-        num_repeats: int = 1,
+        num_repeats: int | None = None,
         max_samples: int | None = None,
         out_dir: str | None = None,
         dequantization: str | None = None,
         num_importance: int | None = None,
     ) -> dict:
-        """Exact ODE NLL (nats) or bits/dim of a data split (per sample, each sample once across
-        ranks, ``num_repeats`` fresh dequantization/probe draws); prints a table, writes JSON and
-        per-sample values.
+        """Exact ODE NLL (nats) or bits/dim of every point of a split, each once across ranks (the module's
+        test loop, ``model.evaluation`` with the options below); prints a table, writes JSON and per-point values.
 
         Args:
             ckpt_path: checkpoint to evaluate (its EMA weights); default: the model as configured.
             split: data split to evaluate: 'test' or 'val'.
-            num_repeats: evaluations per sample with fresh dequantization/probe noise (CIFAR-10 protocol: 5).
-            max_samples: evaluate only the first this many samples of the split (default: all).
+            num_repeats: evaluations per point with fresh dequantization/probe noise (CIFAR-10 protocol: 5).
+                Default: ``model.evaluation.num_repeats``.
+            max_samples: evaluate only the points with index < this (default: all).
             out_dir: output folder (default <trainer.default_root_dir>/likelihood).
             dequantization: bits/dim protocol(s) for 8-bit data: 'uniform' (the paper's y = (k+u)/256),
-                'truncated_normal' (alias 'tn'; i-DODE's training-free truncated-normal dequantization
-                at t = eps), or both, e.g. 'uniform,truncated_normal'. The JSON records each protocol's
-                mean, s.e. and NFE. Default: the configured LikelihoodEvaluator's, else 'uniform'.
-            num_importance: K importance samples per datum for the bits/dim bound (log-mean-exp over K
-                draws; tighter as K grows, K times the cost). Default: the configured evaluator's, else 1.
+                'truncated_normal' (or 'tn'; i-DODE's training-free truncated-normal dequantization at
+                t = eps), or both, e.g. 'uniform,truncated_normal'. Default: ``model.evaluation.dequantization``.
+            num_importance: K importance samples per point for the bits/dim bound (log-mean-exp over K
+                draws; tighter as K grows, K times the cost). Default: ``model.evaluation.num_importance``.
         """
         if split not in ("val", "test"):
             raise ValueError(f"--split must be 'val' or 'test', got {split!r}")
-        if num_repeats <= 0:
-            raise ValueError(f"--num_repeats must be positive, got {num_repeats}")
         out = self._out_dir(out_dir, "likelihood")
-        conf = next(iter(self.likelihood_evaluators), None)
-        if dequantization is None:
-            dequantization = conf.protocols if conf is not None else "uniform"
-        if num_importance is None:
-            num_importance = conf.num_importance if conf is not None else 1
-        evaluator = LikelihoodEvaluator(num_repeats=num_repeats, splits=[split], max_samples=max_samples,
-                                        per_sample_path=str(out / "{split}_per_sample.npz"), ode=conf.ode if conf else None,
-                                        dequantization=dequantization, num_importance=num_importance)
+        configured = model.evaluation
         if ckpt_path is not None:
             load_weights(model, ckpt_path)  # the checkpoint's state_dict: the EMA weights when averaging was on
-        self._evaluation_trainer(evaluator).test(model, datamodule=datamodule, verbose=False)
-        res = {**evaluator.results[split], "entropy": describe(datamodule).entropy}
+        data = datamodule if split == "test" else _ValidationAsTest(datamodule)
+        model.evaluation, model.test_split = configured.replace(
+            num_repeats=num_repeats, max_samples=max_samples, dequantization=dequantization,
+            num_importance=num_importance), split
+        try:
+            self._evaluation_trainer().test(model, datamodule=data, verbose=False)
+        finally:
+            model.evaluation, model.test_split = configured, "test"
+        res = model.test_results
+        if res is None:
+            raise ValueError(f"the {split} split has no points to evaluate (max_samples={max_samples})")
         if self.is_global_zero:
             print_likelihood_table(res)
-            (out / f"{split}_{res['metric']}.json").write_text(json.dumps(res, indent=2))
+            write_results(res, out)
         return res
 
-    def _evaluation_trainer(self, evaluator: LikelihoodEvaluator) -> L.Trainer:
-        """A trainer with this one's devices, strategy, precision and loggers whose only callback is
-        ``evaluator``: the fit-time callbacks (weight averaging, plots, checkpoints, other evaluators)
-        take no part in the evaluation, and the checkpoint's ``state_dict`` (the EMA weights) is used."""
+    def _evaluation_trainer(self) -> L.Trainer:
+        """A trainer with this one's devices, strategy, precision and loggers, and no callbacks but the
+        progress bar: the fit-time callbacks (weight averaging, plots, checkpoints, FID) take no part in
+        the evaluation, and the checkpoint's ``state_dict`` (the EMA weights) is used."""
         keep = {k: v for k, v in self.init_kwargs.items() if k in _EVAL_TRAINER_KEYS}
         lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         level = lg.level
         lg.setLevel(logging.WARNING)  # the device summary was printed once already
         try:
-            return L.Trainer(**keep, callbacks=[evaluator], logger=self.loggers or False, enable_checkpointing=False,
+            bar = [HOSMProgressBar()] if keep.get("enable_progress_bar", True) is not False else []
+            return L.Trainer(**keep, callbacks=bar, logger=self.loggers or False, enable_checkpointing=False,
                              enable_model_summary=False, default_root_dir=self.default_root_dir)
         finally:
             lg.setLevel(level)
 
 
+class _ValidationAsTest(L.LightningDataModule):
+    """A data module whose test split is another data module's validation split (``likelihood --split val``)."""
+
+    def __init__(self, datamodule: L.LightningDataModule):
+        super().__init__()
+        self.inner = datamodule
+
+    def setup(self, stage: str) -> None:
+        self.inner.trainer = self.trainer  # its loaders shard by the trainer's ranks
+        self.inner.setup("validate")
+
+    def test_dataloader(self):
+        return self.inner.val_dataloader()
+
+    def data_spec(self):
+        return describe(self.inner)
+
+
 #: trainer settings the ``likelihood`` command's own evaluation trainer inherits
 _EVAL_TRAINER_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "precision", "enable_progress_bar", "plugins")
-
-
-def print_likelihood_table(res: dict) -> None:
-    """One row per protocol (bits/dim) or one row (NLL); KL = mean of log q0 − log p when known."""
-    unit = "bits/dim" if res["metric"] == "bpd" else "nats"
-    ent = res.get("entropy")
-    ent_s = f"{ent:.4f}" if ent is not None else "n/a"
-    kl = f"{res['kl']:.4f} ± {res['kl_se']:.4f}" if "kl" in res else "n/a"
-    rows = [(p, e["num_importance"], e) for p, e in res.get("protocols", {}).items()] or [("-", "-", res)]
-    print(f"\n| split | N | dequantization | K | {res['metric']} ({unit}) | ± s.e. | exact entropy | gap | KL (nats) | NFE | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for proto, k, e in rows:
-        gap = f"{e['mean'] - ent:.4f}" if ent is not None else "n/a"
-        print(f"| {res['split']} | {res['n']} | {proto} | {k} | {e['mean']:.4f} | {e['se']:.4f} | {ent_s} | {gap} | {kl} "
-              f"| {e['nfe']:.0f} | {res['seconds']:.1f} |")

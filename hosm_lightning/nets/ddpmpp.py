@@ -46,7 +46,7 @@ class DDPMpp(UNetBody, ScoreNet):
         fir: FIR up/down-sampling (False for DDPM++).
         fir_kernel: the FIR kernel when ``fir`` is true.
         checkpoint_blocks: activation checkpointing of every residual/attention block in training;
-            first-order DSM only (raises a RuntimeError under the jvp of the order-2/3 losses).
+            first-order DSM only (HOSMModule refuses it with a stage of order 2 or 3).
     """
 
     def __init__(

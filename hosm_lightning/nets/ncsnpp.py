@@ -59,7 +59,7 @@ class NCSNpp(UNetBody, ScoreNet):
         skip_rescale: scale skip connections by 1/√2 (score_sde's setting).
         init_scale: scale of the zero-ish initialisation of the last conv of each block.
         checkpoint_blocks: activation checkpointing of every residual/attention block in training;
-            first-order DSM only (raises a RuntimeError under the jvp of the order-2/3 losses).
+            first-order DSM only (HOSMModule refuses it with a stage of order 2 or 3).
     """
 
     def __init__(

@@ -44,13 +44,6 @@ from .unet_layers import (
 __all__ = ["UNetBody"]
 
 
-def _under_forward_ad(x: Tensor) -> bool:
-    """True inside a torch.func transform (jvp, vmap, grad …) or for a forward-AD dual tensor."""
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    if peek is not None and peek() is not None:
-        return True
-    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
-
 EMBEDDINGS = ("positional", "fourier")
 PROGRESSIVE_INPUTS = ("none", "residual")
 
@@ -63,8 +56,9 @@ class UNetBody(nn.Module):
     (``torch.utils.checkpoint``, non-reentrant) while training, trading compute for activation memory.
     First-order DSM only: the order-2/3 losses evaluate the net under ``torch.func.jvp``, and the
     recomputation (which runs without the forward-mode tangents) saves a different set of tensors, so
-    torch raises a CheckpointError; the block wrapper detects forward-mode AD and raises a clear
-    RuntimeError instead. Evaluation (``eval()`` or no grad) never checkpoints.
+    torch raises a CheckpointError in the backward pass. ``HOSMModule`` therefore refuses
+    ``checkpoint_blocks=True`` with a stage of order 2 or 3 when it is built. Evaluation (``eval()`` or
+    no grad) never checkpoints.
     """
 
     def __init__(
@@ -151,13 +145,6 @@ class UNetBody(nn.Module):
     # ------------------------------------------------------------------------------------------
     def _run(self, module: nn.Module, *args: Tensor) -> Tensor:
         if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
-            if _under_forward_ad(args[0]):
-                raise RuntimeError(
-                    "checkpoint_blocks=True works for first-order DSM only: the order-2/3 losses call the net "
-                    "under torch.func.jvp (forward-mode AD), and torch.utils.checkpoint recomputes a block in the "
-                    "backward pass without the tangents, so it saves a different set of tensors and fails "
-                    "(CheckpointError). Set checkpoint_blocks=False for orders 2 and 3."
-                )
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 

@@ -14,15 +14,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..core.data_range import model_to_unit
-from ..data.synthetic import CHECKERBOARD_LOGP, exact_logp_2d  # noqa: F401  (re-exported: plots use them)
+from .core.data_range import model_to_unit
 
 __all__ = [
     "density_figure_1d", "density_figure_2d", "samples_figure", "image_grid", "save_figure",
-    "exact_logp_2d", "CHECKERBOARD_LOGP", "diagnostics_figure",
+    "diagnostics_figure",
 ]
-
-#: log density of the checkerboard inside its 8 squares of side 2 (total area 32)
 
 _MODEL, _EXACT, _DATA = "tab:blue", "black", "tab:orange"
 
@@ -151,7 +148,7 @@ def samples_figure(samples: Tensor, data: Tensor | None = None, title: str | Non
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 81)
         if d is not None:
             ax.hist(d[:, 0], bins=bins, density=True, color=_DATA, alpha=0.35, label="data")
-        if len(s):
+        if ((s[:, 0] >= bins[0]) & (s[:, 0] <= bins[-1])).any():  # density=True of an empty histogram is 0/0
             ax.hist(s[:, 0], bins=bins, density=True, histtype="step", color=_MODEL, lw=1.5, label="samples")
         ax.set_xlabel("x")
         ax.set_ylabel("density")
@@ -190,16 +187,23 @@ _CURVES = {"first_order": ("E g²‖s_θ − ∇log q_t‖²  (first-order error
 _COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple"]
 
 
+#: curves that are expectations of squared norms: their bands stop at 0 (on the symlog axis a band
+#: reaching below 0 would plunge through the linear region into negative decades)
+_NON_NEGATIVE = ("first_order", "self_gap", "fisher")
+
+
 def diagnostics_figure(reports: dict, title: str) -> Figure:
     """Four panels (one per curve) against σ(t), one line per model; ``reports`` maps a model label to
-    :func:`hosm_lightning.core.diagnostics.score_report` output. Shaded: ± 2 s.e."""
+    :func:`hosm_lightning.core.diagnostics.score_report` output. Shaded: ± 2 s.e., clipped at 0 for the
+    non-negative curves."""
     fig = Figure(figsize=(12.0, 7.5), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     for ax, (key, (label, ls)) in zip(axes, _CURVES.items()):
         for color, (name, rep) in zip(_COLORS, reports.items()):
             sig, m, se = (np.asarray(rep[k]) for k in ("sigma", key, key + "_se"))
             ax.plot(sig, m, color=color, ls=ls, lw=1.5, label=name)
-            ax.fill_between(sig, m - 2 * se, m + 2 * se, color=color, alpha=0.15, lw=0)
+            lower = np.maximum(m - 2 * se, 0.0) if key in _NON_NEGATIVE else m - 2 * se
+            ax.fill_between(sig, lower, m + 2 * se, color=color, alpha=0.15, lw=0)
         ax.set_xscale("log")
         if key != "kl_integrand":
             ax.set_yscale("symlog", linthresh=1e-3)

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.diagnostics import kl_decomposition, score_report, sigma_grid
-from ..data.spec import describe
 from .checkpoints import load_weights
+from .core.diagnostics import kl_decomposition, score_report, sigma_grid
+from .data.spec import describe
 from .plots import diagnostics_figure, save_figure
+from .progress import Progress
 
 __all__ = ["run_diagnose", "band_integrals"]
 
@@ -57,18 +58,20 @@ def run_diagnose(model, datamodule, ckpts: list[str], labels: list[str] | None, 
     labels = labels or [Path(c).stem for c in ckpts]
     model = model.eval()
     ode = model.ode.replace(rtol=rtol, atol=rtol)  # the model's ODE options; --rtol sets rtol = atol
-    eps = ode.likelihood_kwargs(model.sde)["eps"]
+    eps = model.sde.resolve_eps(ode.eps)
     reports, identity = {}, {}
-    for label, ckpt in zip(labels, ckpts):
-        load_weights(model, ckpt)
-        times = sigma_grid(model.sde, eps, num_times)
-        reports[label] = score_report(model.score_model, model.sde, mixture, times=times, n=num_points,
-                                      generator=torch.Generator().manual_seed(seed), rtol=ode.rtol, atol=ode.atol)
-        reports[label]["bands"] = band_integrals(reports[label])
-        if identity_points:
-            identity[label] = kl_decomposition(model.score_model, model.sde, mixture, n=identity_points, eps=eps,
-                                               generator=torch.Generator().manual_seed(seed + 1), rtol=ode.rtol,
-                                               atol=ode.atol)
+    with Progress(len(ckpts) * (2 if identity_points else 1), "diagnose: checkpoints × analyses") as progress:
+        for label, ckpt in zip(labels, ckpts):
+            load_weights(model, ckpt)
+            times = sigma_grid(model.sde, eps, num_times)
+            reports[label] = score_report(model.score_model, model.sde, mixture, times=times, n=num_points,
+                                          generator=torch.Generator().manual_seed(seed), ode=ode)
+            reports[label]["bands"] = band_integrals(reports[label])
+            progress.update()
+            if identity_points:
+                identity[label] = kl_decomposition(model.score_model, model.sde, mixture, n=identity_points,
+                                                   generator=torch.Generator().manual_seed(seed + 1), ode=ode)
+                progress.update()
     fig = diagnostics_figure(reports, f"score diagnostics per noise level ({num_points} exact draws of x_t per σ)")
     png = save_figure(fig, out / "diagnose.png")
     for logger in loggers:

@@ -1,0 +1,92 @@
+"""Plain helpers shared by the tests (fixtures that wrap them are in conftest.py).
+
+* tiny networks, modules, data modules and trainers at test size;
+* :class:`ExactScoreNet` / :func:`exact_module`: a real HOSMModule whose score is a closed form;
+* :func:`free_port` / :func:`clean_env`: loopback rendezvous for the multi-process (gloo) tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from hosm_lightning.core import HOSMObjective, ODEOptions
+from hosm_lightning.data import DataSpec, SyntheticDataModule
+from hosm_lightning.lit.module import HOSMModule
+from hosm_lightning.nets import ToyScoreNet
+from hosm_lightning.nets.base import ScoreNet
+from hosm_lightning.options import FitOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_net(dim: int = 1, seed: int = 0) -> ToyScoreNet:
+    """The toy MLP at test width (a few thousand parameters), seeded."""
+    torch.manual_seed(seed)
+    return ToyScoreNet(dim=dim, encoder_width=16, embed_dim=8, decoder_width=32)
+
+
+def tiny_module(dim: int = 1, *, objective: dict | None = None, ode: dict | None = None, fit: dict | None = None,
+                **kw) -> HOSMModule:
+    """A HOSMModule with :func:`tiny_net`, λ₂ = 0.5, λ₃ = 0.1 and loose ODE tolerances (1e-3) unless given."""
+    args = dict(net=tiny_net(dim), stages=[{"order": 1}],
+                objective=HOSMObjective(**{"lambda2": 0.5, "lambda3": 0.1, **(objective or {})}),
+                ode=ODEOptions(**{"rtol": 1e-3, "atol": 1e-3, **(ode or {})}), fit=FitOptions(**(fit or {})))
+    args.update(kw)
+    return HOSMModule(**args)
+
+
+def tiny_data(name: str = "mog1d", **kw) -> SyntheticDataModule:
+    """A synthetic data module at test size (batches of 32, 5 steps per epoch, 32 val / 32 test points)."""
+    return SyntheticDataModule(name=name, **{"batch_size": 32, "steps_per_epoch": 5, "val_size": 32,
+                                             "test_size": 32, **kw})
+
+
+def tiny_trainer(root, max_steps: int = 4, callbacks=(), **kw) -> L.Trainer:
+    """A quiet CPU trainer: no logger, no progress bar, no validation unless asked."""
+    args = dict(max_steps=max_steps, default_root_dir=str(root), accelerator="cpu", devices=1, logger=False,
+                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
+                num_sanity_val_steps=0, enable_checkpointing=False)
+    args.update(kw)
+    return L.Trainer(callbacks=list(callbacks), **args)
+
+
+class ExactScoreNet(ScoreNet):
+    """net(x, t, sigma) = score_fn(x, t): an analytic score as a network (parameterization 'score')."""
+
+    def __init__(self, score_fn, dim: int):
+        super().__init__()
+        self.score_fn, self.dim = score_fn, dim
+
+    def forward(self, x, t, sigma=None):
+        return self.score_fn(x, t)
+
+
+def exact_module(score_fn, sde, dim: int, centered: bool = True, rtol: float = 1e-5, atol: float = 1e-5,
+                 **kw) -> HOSMModule:
+    """A HOSMModule driven by an exact score, as if set up on data in [-1, 1] (``centered``) or [0, 1]."""
+    module = HOSMModule(ExactScoreNet(score_fn, dim), sde=sde, parameterization="score",
+                        ode=ODEOptions(eps=1e-5, rtol=rtol, atol=atol), **kw)
+    module.data_spec = DataSpec(centered=centered)  # what setup() reads from the data module
+    return module.to(torch.device("cpu"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    """This environment without any launcher/cluster variables, plus loopback rendezvous settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_")) and k not in
+           ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
