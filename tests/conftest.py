@@ -52,3 +52,13 @@ def make_data():
 def make_trainer(tmp_path):
     """Factory of quiet CPU trainers rooted in the test's tmp_path: ``make_trainer(max_steps, callbacks, **kw)``."""
     return lambda max_steps=4, callbacks=(), **kw: tiny_trainer(tmp_path, max_steps, callbacks, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny networks: faster, and no OpenMP spinning on busy cores.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,13 +2,17 @@
 
 * tiny networks, modules, data modules and trainers at test size;
 * :class:`ExactScoreNet` / :func:`exact_module`: a real HOSMModule whose score is a closed form;
-* :func:`free_port` / :func:`clean_env`: loopback rendezvous for the multi-process (gloo) tests.
+* :func:`free_port` / :func:`clean_env`: loopback rendezvous for the multi-process (gloo) tests, and
+  :func:`wait_all` to collect their processes (each started with ``start_new_session=True``) by a deadline.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import lightning as L
@@ -90,3 +94,22 @@ def clean_env(**extra) -> dict:
                PYTHONWARNINGS="ignore")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 240.0) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) per process. Past the deadline every process group is killed (the
+    returncode is then negative and stderr says so)."""
+    deadline, results = time.monotonic() + timeout, []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                try:
+                    os.killpg(q.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            out, err = p.communicate()
+            err += f"\n[killed: {p.args[1:3]} still running after {timeout} s]"
+        results.append((p.returncode, out, err))
+    return results

@@ -60,13 +60,7 @@ def stub_trainer(world_size: int, rank: int, epoch: int = 0) -> SimpleNamespace:
     return SimpleNamespace(world_size=world_size, global_rank=rank, current_epoch=epoch)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU, OpenMP spinning makes these small tensors 3-5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, clean_env, tiny_data, tiny_module, wait_all
 
 from hosm_lightning.core.sde import VPSDE
 from hosm_lightning.core.seeding import derive_seed
@@ -33,8 +33,6 @@ from hosm_lightning.lit.module import HOSMModule
 from hosm_lightning.lit.trainer import HOSMTrainer
 from hosm_lightning.nets import SmallConvNet, ToyScoreNet
 from hosm_lightning.options import EvalOptions
-
-from helpers import ROOT, clean_env, tiny_data, tiny_module
 
 pytestmark = pytest.mark.slow
 
@@ -57,25 +55,6 @@ def _start(cmd: list[str], ranks: list[dict]) -> list[subprocess.Popen]:
     return [subprocess.Popen(cmd, cwd=ROOT, env={**env, **{k: str(v) for k, v in extra.items()}},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
             for extra in ranks]
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float = SUBPROCESS_TIMEOUT) -> list[tuple[int, str, str]]:
-    """(returncode, stdout, stderr) per process. Past the deadline every process group is killed (the
-    returncode is then negative and stderr says so)."""
-    deadline, results = time.monotonic() + timeout, []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                try:
-                    os.killpg(q.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            out, err = p.communicate()
-            err += f"\n[killed: {p.args[1:3]} still running after {timeout} s]"
-        results.append((p.returncode, out, err))
-    return results
 
 
 def _succeeded(results: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
@@ -203,7 +182,7 @@ def runs(tmp_path_factory):
         one = _evaluate(out, 1)
     finally:
         torch.set_num_threads(threads)
-    results = _wait(procs)
+    results = wait_all(procs)
     return out, one, results, time.monotonic() - start
 
 
@@ -439,7 +418,7 @@ def _two_nodes(args: list[str]) -> list[tuple[int, str, str]]:
     """Node 0 and node 1 (one process each), launched by hand as on two machines: NODE_RANK, LOCAL_RANK
     (its presence tells Lightning the processes are launched externally) and WORLD_SIZE; Lightning derives
     the global rank NODE_RANK * devices + LOCAL_RANK."""
-    return _succeeded(_wait(_start([sys.executable, str(ROOT / "cli.py"), *args],
+    return _succeeded(wait_all(_start([sys.executable, str(ROOT / "cli.py"), *args],
                                    [{"NODE_RANK": node, "LOCAL_RANK": 0, "WORLD_SIZE": 2} for node in (0, 1)])))
 
 

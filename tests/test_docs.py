@@ -38,13 +38,7 @@ TOY = [name for name in CONFIGS if "cifar10" not in name]
 STEPS = 4  # training steps of every shrunk run; its stages end at steps 2, 3 and 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread (and do not fight over busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

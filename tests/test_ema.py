@@ -18,13 +18,7 @@ from hosm_lightning.lit.trainer import HOSMTrainer
 from helpers import tiny_data, tiny_module, tiny_trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread (and do not fight over busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _differ(a: dict, b: dict) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, clean_env, wait_all
 from torch import nn
 
 from hosm_lightning.core.sde import VPSDE
@@ -34,8 +34,6 @@ from hosm_lightning.lit.fid import FIDCallback
 from hosm_lightning.lit.module import HOSMModule
 from hosm_lightning.nets import SmallConvNet
 from hosm_lightning.options import EvalOptions
-
-from helpers import ROOT, clean_env
 
 N_SAMPLES, N_TRAIN, DIM = 12, 40, 6
 #: fixed-step sampler: per-sample results do not depend on the batch composition at all
@@ -324,20 +322,7 @@ def _launch_ranks(args: list[str], world: int = 2, timeout: float = SUBPROCESS_T
     procs = [subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env={**env, "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
              for r in range(world)]
-    deadline, results = time.monotonic() + timeout, []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                try:
-                    os.killpg(q.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            out, err = p.communicate()
-            pytest.fail(f"the {world} ranks timed out after {timeout} s\n{out[-2000:]}\n{err[-4000:]}")
-        results.append((p.returncode, out, err))
-    return results
+    return wait_all(procs, timeout)
 
 
 @pytest.mark.slow

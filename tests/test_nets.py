@@ -13,13 +13,7 @@ from hosm_lightning.core import SubVPSDE, VESDE, VPSDE
 from hosm_lightning.nets import DDPMpp, NCSNpp, ScoreModel, ScoreNet, SinusoidalEmbedding, SmallConvNet, ToyScoreNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU, OpenMP spinning makes these small nets 5-10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _n_params(m: nn.Module) -> int:
