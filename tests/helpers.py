@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from hosm_lightning.core import HOSMObjective, ODEOptions
+from hosm_lightning.core import GaussianMixture, HOSMObjective, ODEOptions
 from hosm_lightning.data import DataSpec, SyntheticDataModule
 from hosm_lightning.lit.module import HOSMModule
 from hosm_lightning.nets import ToyScoreNet
@@ -113,3 +113,13 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 240.0) -> list[tupl
             err += f"\n[killed: {p.args[1:3]} still running after {timeout} s]"
         results.append((p.returncode, out, err))
     return results
+
+
+def pixel_mixtures() -> tuple[GaussianMixture, GaussianMixture]:
+    """A 4-D Gaussian mixture of 2×2 one-channel images in [0, 1] (float64), and the same density pushed to
+    [-1, 1] by y ↦ 2y − 1: the two data conventions of bits/dim."""
+    means = torch.tensor([[0.3, 0.4, 0.5, 0.6], [0.7, 0.6, 0.5, 0.4], [0.5, 0.5, 0.2, 0.8]], dtype=torch.float64)
+    var = torch.tensor([[0.010, 0.020, 0.015, 0.010], [0.020, 0.010, 0.010, 0.020], [0.015, 0.015, 0.010, 0.010]],
+                       dtype=torch.float64)
+    w = [0.3, 0.3, 0.4]
+    return GaussianMixture(means, var, w), GaussianMixture(2 * means - 1, 4 * var, w)

@@ -13,11 +13,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import pixel_mixtures
 from scipy import stats
 
 from hosm_lightning.core import (
-    GaussianMixture, ODEOptions, SubVPSDE, VESDE, VPSDE, bits_per_dim, dequantization_draws, importance_bound,
-    ode_log_likelihood, truncnorm_log_prob,
+    VESDE,
+    VPSDE,
+    ODEOptions,
+    SubVPSDE,
+    bits_per_dim,
+    dequantization_draws,
+    importance_bound,
+    ode_log_likelihood,
+    truncnorm_log_prob,
 )
 from hosm_lightning.core.dequantization import resolve_protocol
 from hosm_lightning.data import DiscreteDataModule
@@ -222,11 +230,7 @@ def test_bpd_of_seven_bit_bytes(centered):
 
 def test_bpd_of_an_exact_density_does_not_depend_on_the_convention():
     """A 4-D mixture in [0,1] space (images [B,1,2,2]) and the same model pushed to [-1,1] by y ↦ 2y-1."""
-    means = torch.tensor([[0.3, 0.4, 0.5, 0.6], [0.7, 0.6, 0.5, 0.4], [0.5, 0.5, 0.2, 0.8]], dtype=torch.float64)
-    var = torch.tensor([[0.010, 0.020, 0.015, 0.010], [0.020, 0.010, 0.010, 0.020], [0.015, 0.015, 0.010, 0.010]],
-                       dtype=torch.float64)
-    w = [0.3, 0.3, 0.4]
-    mix01, mix11 = GaussianMixture(means, var, w), GaussianMixture(2 * means - 1, 4 * var, w)
+    mix01, mix11 = pixel_mixtures()
     y = mix01.sample(256, generator=torch.Generator().manual_seed(17), dtype=torch.float64).clamp(0, 1)
     x = torch.round(y * 255).to(torch.uint8).reshape(256, 1, 2, 2)
 

@@ -10,11 +10,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import pixel_mixtures
 from scipy.integrate import quad
 
 from hosm_lightning.core import (
-    GaussianMixture, Likelihood, ODEOptions, ODEScore, Samples, SettingsError, SubVPSDE, VESDE, VPSDE, bits_per_dim,
-    dequantization_draws, ode_log_likelihood, ode_sample, ode_score, paper_mog1d,
+    VESDE,
+    VPSDE,
+    GaussianMixture,
+    Likelihood,
+    ODEOptions,
+    ODEScore,
+    Samples,
+    SettingsError,
+    SubVPSDE,
+    bits_per_dim,
+    dequantization_draws,
+    ode_log_likelihood,
+    ode_sample,
+    ode_score,
+    paper_mog1d,
 )
 from hosm_lightning.core.ode import ADAPTIVE_METHODS, FIXED_STEP_METHODS, METHODS
 
@@ -488,11 +502,7 @@ def test_ode_score_rejects_bad_times():
 def test_bits_per_dim_through_the_ode_matches_the_exact_density_in_both_conventions():
     """A 4-D mixture in [0,1] space (images [B,1,2,2]) and the same model pushed to [-1,1] by y ↦ 2y - 1:
     bits/dim through the ODE is the anchor density per point, and the two conventions agree."""
-    means = torch.tensor([[0.3, 0.4, 0.5, 0.6], [0.7, 0.6, 0.5, 0.4], [0.5, 0.5, 0.2, 0.8]], dtype=torch.float64)
-    var = torch.tensor([[0.010, 0.020, 0.015, 0.010], [0.020, 0.010, 0.010, 0.020], [0.015, 0.015, 0.010, 0.010]],
-                       dtype=torch.float64)
-    w = [0.3, 0.3, 0.4]
-    mix01, mix11 = GaussianMixture(means, var, w), GaussianMixture(2 * means - 1, 4 * var, w)
+    mix01, mix11 = pixel_mixtures()
     y01 = mix01.sample(32, generator=torch.Generator().manual_seed(19), dtype=torch.float64).clamp(0, 1)
     x = torch.round(y01 * 255).to(torch.uint8).reshape(32, 1, 2, 2)
     sde = VPSDE()
