@@ -1,5 +1,8 @@
 """The ``diagnose`` subcommand: per-noise-level score diagnostics of one or several checkpoints.
 
+On images (no exact density) it reports the paired DSM terms per noise level instead
+(:mod:`hosm_lightning.diagnose_images`).
+
 For data with an exact density (a Gaussian mixture: ``mog1d`` or ``gmm``), every checkpoint's EMA
 network is compared on x_t ~ q_t (exact draws) at ``num_times`` noise levels equally spaced in
 log σ(t) (core/diagnostics.py, docs/design.md §8): the first-order error E g²‖s_θ − ∇log q_t‖², the
@@ -38,24 +41,30 @@ def band_integrals(report: dict, bands=BANDS) -> list[float]:
 
 
 def _check(datamodule, ckpts, labels, num_times, num_points, identity_points):
-    mixture = describe(datamodule).mixture
-    if mixture is None:
-        raise ValueError("diagnose needs data with an exact density: use a Gaussian mixture "
-                         "(data.init_args.name: mog1d or gmm)")
+    spec = describe(datamodule)
+    if spec.mixture is None and not spec.is_image:
+        raise ValueError("diagnose needs data with an exact density (a Gaussian mixture: data.init_args.name: "
+                         "mog1d or gmm) or images (the DSM terms per noise level)")
     if not ckpts:
         raise ValueError("diagnose needs at least one checkpoint: --ckpt_path PATH [--compare PATH ...]")
     if labels is not None and len(labels) != len(ckpts):
         raise ValueError(f"--labels must name every checkpoint ({len(ckpts)}), got {len(labels)}")
     if num_times < 2 or num_points < 2 or identity_points < 0:
         raise ValueError("--num_times and --num_points must be >= 2 and --identity_points >= 0")
-    return mixture
+    return spec
 
 
 def run_diagnose(model, datamodule, ckpts: list[str], labels: list[str] | None, *, num_times: int, num_points: int,
                  identity_points: int, rtol: float | None, seed: int, out: Path, loggers=()) -> dict:
     """Score reports (and optionally the KL identity) of each checkpoint; returns the JSON dict."""
-    mixture = _check(datamodule, ckpts, labels, num_times, num_points, identity_points)
+    spec = _check(datamodule, ckpts, labels, num_times, num_points, identity_points)
     labels = labels or [Path(c).stem for c in ckpts]
+    if spec.mixture is None:  # images: the paired DSM terms per σ
+        from .diagnose_images import run_image_diagnose
+
+        return run_image_diagnose(model, datamodule, spec, ckpts, labels, num_times=num_times,
+                                  num_points=num_points, seed=seed, out=out)
+    mixture = spec.mixture
     model = model.eval()
     ode = model.ode.replace(rtol=rtol, atol=rtol)  # the model's ODE options; --rtol sets rtol = atol
     eps = model.sde.resolve_eps(ode.eps)

@@ -1,4 +1,5 @@
-"""Smoke tests of ``python -m benchmarks.dequantization --quick`` and ``benchmarks/gpu_check.sh --smoke`` (CPU)."""
+"""Smoke tests of ``python -m benchmarks.dequantization --quick`` and ``benchmarks/gpu_check.sh --smoke`` (CPU,
+both of its tables)."""
 
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_dequantization_quick_runs(tmp_path):
 
 def test_gpu_check_smoke_runs_on_cpu():
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--device", "cpu"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          cwd=ROOT, capture_output=True, text=True, timeout=420,
                           env={**ENV, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -41,3 +42,5 @@ def test_gpu_check_smoke_runs_on_cpu():
         for what in ("| bpd | {} | 2 | uniform |", "| bpd | {} | 2 | truncated_normal |", "| sample | {} | 2 | - |"):
             assert what.format(net) in out
     assert "OOM" not in out
+    # the CIFAR-shaped real-image run (photos32 at --quick sizes): its table
+    assert "## photos32: [3, 32, 32], 256 grey levels" in out and "| + order 3 (Hutchinson) |" in out

@@ -22,7 +22,8 @@ class DataSpec:
 
     Attributes:
         shape: one sample's shape, (D,) for low-dimensional data or (C, H, W) for images; None if unknown.
-        discrete: evaluation batches are uint8 bytes (bits/dim with dequantization), not floats (NLL in nats).
+        discrete: evaluation batches are uint8 levels (bits/dim with dequantization), not floats (NLL in nats).
+        levels: L, the number of grey levels of discrete data (uint8 values 0..L−1; 256 for 8-bit images).
         centered: the model range of 8-bit data: [−1, 1] (True) or [0, 1] (False); see core/data_range.py.
         name: a short name of the data set (figure titles, records).
         entropy: the exact entropy when known, in the unit of the split's metric (nats per sample for
@@ -36,6 +37,7 @@ class DataSpec:
 
     shape: tuple[int, ...] | None = None
     discrete: bool = False
+    levels: int = 256
     centered: bool = True
     name: str | None = None
     entropy: float | None = None

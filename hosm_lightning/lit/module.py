@@ -124,8 +124,9 @@ class HOSMModule(L.LightningModule):
         return stage_at(self.stages, self.global_step)
 
     def to_model_range(self, x: Tensor) -> Tensor:
-        """uint8 data → the model range of the data spec ([0, 1] or [-1, 1]); float data unchanged."""
-        return bytes_to_model(x, self.data_spec.centered) if x.dtype == torch.uint8 else x
+        """uint8 levels → the model range of the data spec ([0, 1] or [-1, 1]); float data unchanged."""
+        spec = self.data_spec
+        return bytes_to_model(x, spec.centered, levels=spec.levels) if x.dtype == torch.uint8 else x
 
     def losses(self, x0: Tensor, order: int, generator, term_grad_norms: bool = False) -> dict[str, Tensor]:
         """Batch means of the DSM terms up to ``order`` and ``loss``, the mean of the per-sample loss
@@ -161,7 +162,8 @@ class HOSMModule(L.LightningModule):
             return lik.logp
 
         bound = bits_per_dim(log_prob, k, centered=self.data_spec.centered, generator=generator,
-                             dequantization=protocol, num_importance=num_importance, sde=self.sde, eps=opts.eps)
+                             dequantization=protocol, num_importance=num_importance, sde=self.sde, eps=opts.eps,
+                             levels=self.data_spec.levels)
         return bound, nfe[0]
 
     def sample(self, x_T: Tensor, ode: ODEOptions | None = None, denoise: bool = False) -> Samples:

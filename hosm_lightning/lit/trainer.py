@@ -85,14 +85,15 @@ class HOSMTrainer(L.Trainer):
         out_dir: str | None = None,
     ) -> dict:
         """Score diagnostics per noise level (first-order error, gap to the ODE model's own score, ODE
-        Fisher divergence, KL integrand) of one or more checkpoints, on data with an exact density.
+        Fisher divergence, KL integrand) of one or more checkpoints, on data with an exact density; on
+        images, the paired DSM terms dsm1–3 per noise level against the first checkpoint (Hutchinson probes).
 
         Args:
             ckpt_path: the checkpoint to diagnose (its EMA weights).
             compare: more checkpoints drawn on the same figure (e.g. order 1, 1→2, 1→3).
             labels: one legend label per checkpoint (default: the file names).
             num_times: noise levels, equally spaced in log sigma(t) from eps to T.
-            num_points: exact draws x_t ~ q_t per noise level.
+            num_points: exact draws x_t ~ q_t per noise level (images: test images).
             identity_points: if > 0, also estimate both sides of the KL identity with this many points.
             rtol: ODE solver tolerance (rtol = atol) of the ODE-score solves (default: the model's ``ode``).
             seed: seed of the draws (the same points for every checkpoint).
