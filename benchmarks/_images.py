@@ -95,11 +95,13 @@ def build_model(name: str, order: int = 1, lr: float = 2e-4, warmup: int = 0, in
 def fit(name: str, root: Path, *, steps: int, order: int = 1, lr: float = 2e-4, warmup: int = 0, ema: float = 0.999,
         batch: int = 64, init_from: str | None = None, save_every: int | None = None, device: str = "cpu",
         quick: bool = False) -> dict:
-    """Train to ``steps`` (continuing the run's last.ckpt if there is one); {'ckpt': final, 'seconds': this call}."""
+    """Train to ``steps`` (continuing the run's last.ckpt if there is one); {'ckpt': final, 'seconds': the
+    training seconds of this folder so far, recorded in seconds.txt (so a cached stage reports its own)}."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / "ckpt" / f"step{steps:06d}.ckpt"
+    final, record = root / "ckpt" / f"step{steps:06d}.ckpt", root / "seconds.txt"
+    spent = float(record.read_text()) if record.is_file() else 0.0
     if final.is_file():
-        return {"ckpt": final, "seconds": 0.0}
+        return {"ckpt": final, "seconds": spent}
     dm = datamodule(name, batch)
     torch.manual_seed(0)  # the network's initial weights (a fine-tune loads init_from over them)
     model = build_model(name, order, lr, warmup, init_from, quick=quick)
@@ -115,7 +117,9 @@ def fit(name: str, root: Path, *, steps: int, order: int = 1, lr: float = 2e-4, 
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
     if not final.is_file():
         raise RuntimeError(f"{root}: no checkpoint at step {steps}")
-    return {"ckpt": final, "seconds": time.perf_counter() - start}
+    spent = round(spent + time.perf_counter() - start, 1)
+    record.write_text(f"{spent}")
+    return {"ckpt": final, "seconds": spent}
 
 
 def load(name: str, ckpt: Path, device: str = "cpu", quick: bool = False) -> HOSMModule:

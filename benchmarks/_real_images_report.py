@@ -33,6 +33,15 @@ def _quality(q: dict | None) -> list[str]:
     return [f"{q['fid']:.2f} ± {q['fid_se']:.2f}", f"{q['kid_mean']:.2f} ± {q['kid_std']:.2f}"]
 
 
+def _accuracy(info: dict, res: dict) -> str:
+    """The feature classifier's accuracy: held out where the validation images share the training classes;
+    split by source, the held-out photographs are classes of their own, so only the training accuracy."""
+    if res.get("val_classes_seen", True) and "val_accuracy" in info:
+        return f"held-out accuracy {info['val_accuracy']:.3f}"
+    return (f"training accuracy {info['train_accuracy']:.3f}; the validation photograph is not one of its classes, "
+            "so it has no held-out accuracy")
+
+
 def dataset_table(res: dict) -> str:
     header = ["model"] + [c[1] for c in COLUMNS] + ["FID ± s.e.", "KID ± s.d."]
     rows = []
@@ -58,7 +67,8 @@ def diagnostics_table(diag: dict) -> str:
 def report(results: dict, args: dict, total: float) -> str:
     lines = [f"# Real images: the paper's protocol in bits/dim ({datetime.date.today()})", "",
              f"`python -m benchmarks.real_images{' --quick' if args.get('quick') else ''}` on {platform.machine()}, "
-             f"{args['threads']} torch threads; total {format_duration(total)}. Bits/dim: mean ± s.e. over the test "
+             f"{args['threads']} torch threads; this invocation {format_duration(total)} (a cached stage reports the "
+             f"seconds recorded when it ran). Bits/dim: mean ± s.e. over the test "
              f"points; Δ: paired difference against the order-1 control (same points, same dequantization noise and "
              f"Hutchinson probes), mean ± s.e. ODE: dopri5, rtol = atol = {args['rtol']:g}.", ""]
     for name, res in results.items():
@@ -68,8 +78,7 @@ def report(results: dict, args: dict, total: float) -> str:
                   f"points. Pre-training: {pre['steps']} steps, change of the paired test bits/dim over the last quarter "
                   f"{pre['last_quarter_change']:+.4f} ({'converged' if pre['converged'] else 'NOT converged'} by the "
                   f"< 0.01 rule). Fine-tunes: {args['finetune']} steps each. FID/KID: {args['samples']} samples per "
-                  f"model against {res['n_train_items']} training items, features of a classifier with held-out "
-                  f"accuracy {fn.get('val_accuracy', float('nan')):.3f}.", "",
+                  f"model against {res['n_train_items']} training items, features of a classifier ({_accuracy(fn, res)}).", "",
                   dataset_table(res), "",
                   f"Where the fine-tunes differ from the control: paired DSM terms per noise level on "
                   f"{res['diagnostics']['n']} test images (`diagnose` on images; each term is its order's "
@@ -83,7 +92,7 @@ def report(results: dict, args: dict, total: float) -> str:
 
 def sample_figure(name: str, grids: dict, real: torch.Tensor, out: Path, levels: int) -> str:
     """Real training images next to each model's samples (uint8 levels [N, C, H, W] each) → PNG path."""
-    panels = {"real (train)": real, **{NAMES.get(k, k): v for k, v in grids.items()}}
+    panels = {"real (training patches, random)": real, **{NAMES.get(k, k): v for k, v in grids.items()}}
     fig = Figure(figsize=(3.2 * len(panels), 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, x) in zip(axes, panels.items()):

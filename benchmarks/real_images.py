@@ -49,13 +49,13 @@ BUDGET_KEYS = ("test_points", "conv_points", "k8_points", "min_pre", "max_pre", 
 
 def pretrain(name: str, runs: Path, args, cache: im.Cache, test: torch.Tensor) -> dict:
     """First-order DSM in chunks until the paired test bits/dim moved < 0.01 over the last quarter."""
-    root, history, step, seconds = runs / "pre", {}, 0, 0.0
+    root, history, step = runs / "pre", {}, 0
     points = test[: args.conv_points]
     while step < args.max_pre:
         step += args.chunk
         out = im.fit(name, root, steps=step, lr=args.pre_lr, warmup=min(200, step // 4), ema=args.ema,
                      batch=args.batch, save_every=args.chunk, device=args.device, quick=args.quick)
-        seconds += out["seconds"]
+        seconds = out["seconds"]
         vals = cache.get(f"pre:{step}:conv:{len(points)}", lambda: _bpd(name, out["ckpt"], points, "test", args))
         history[step] = float(torch.tensor(vals).mean())
         quarter = min(history, key=lambda s: abs(s - 0.75 * step))
@@ -148,9 +148,10 @@ def run_dataset(name: str, args) -> dict:
     refs = cache.get(f"references:{len(test)}", lambda: _references(train, test, dm.levels))
     sq, grids = quality(name, {"control": ckpts["control"], "order2": ckpts["order2"], "order3": ckpts["order3"]},
                         runs, args, train, train_labels, (val, val_labels), cache)
-    figure = sample_figure(name, grids, train[:64], Path(args.out), dm.levels)
+    shown = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:64]]
+    figure = sample_figure(name, grids, shown, Path(args.out), dm.levels)
     diag = diagnostics(name, ckpts, dm, runs, args)
-    return {"name": name, "budget": {k: getattr(args, k) for k in BUDGET_KEYS}, "levels": dm.levels, "shape": list(test.shape[1:]), "n_test": len(test),
+    return {"name": name, "val_classes_seen": set(val_labels.tolist()) <= set(train_labels.tolist()), "budget": {k: getattr(args, k) for k in BUDGET_KEYS}, "levels": dm.levels, "shape": list(test.shape[1:]), "n_test": len(test),
             "n_train_items": len(train), "pre": {k: v for k, v in pre.items() if k != "ckpt"}, "rows": rows,
             "references": refs, "quality": sq, "seconds": seconds, "figure": figure, "diagnostics": diag,
             "total_seconds": time.perf_counter() - start}
