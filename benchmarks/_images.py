@@ -122,11 +122,11 @@ def fit(name: str, root: Path, *, steps: int, order: int = 1, lr: float = 2e-4, 
     return {"ckpt": final, "seconds": spent}
 
 
-def load(name: str, ckpt: Path, device: str = "cpu", quick: bool = False) -> HOSMModule:
-    """The EMA weights of ``ckpt`` in evaluation mode on ``device``, with the data set's spec (levels, range)."""
+def load(name: str, ckpt: Path, spec, device: str = "cpu", quick: bool = False) -> HOSMModule:
+    """The EMA weights of ``ckpt`` in evaluation mode on ``device``, with the data set's ``spec`` (levels, range)."""
     model = build_model(name, quick=quick)
     load_weights(model, ckpt)
-    model.data_spec = datamodule(name).data_spec()
+    model.data_spec = spec
     return model.eval().to(device)
 
 

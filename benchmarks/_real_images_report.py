@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from hosm_lightning.core.data_range import bytes_to_model
 from hosm_lightning.plots import image_grid, save_figure
 from hosm_lightning.progress import format_duration
 
@@ -96,7 +97,7 @@ def sample_figure(name: str, grids: dict, real: torch.Tensor, out: Path, levels:
     fig = Figure(figsize=(3.2 * len(panels), 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, x) in zip(axes, panels.items()):
-        unit = x.float() / max(levels - 1, 1)
+        unit = bytes_to_model(x, False, levels=levels)
         grid = image_grid(unit, centered=False, nrow=8)
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(title, fontsize=9)

@@ -47,7 +47,7 @@ BUDGET_KEYS = ("test_points", "conv_points", "k8_points", "min_pre", "max_pre", 
                "batch")
 
 
-def pretrain(name: str, runs: Path, args, cache: im.Cache, test: torch.Tensor) -> dict:
+def pretrain(name: str, runs: Path, args, cache: im.Cache, test: torch.Tensor, spec) -> dict:
     """First-order DSM in chunks until the paired test bits/dim moved < 0.01 over the last quarter."""
     root, history, step = runs / "pre", {}, 0
     points = test[: args.conv_points]
@@ -56,7 +56,8 @@ def pretrain(name: str, runs: Path, args, cache: im.Cache, test: torch.Tensor) -
         out = im.fit(name, root, steps=step, lr=args.pre_lr, warmup=min(200, step // 4), ema=args.ema,
                      batch=args.batch, save_every=args.chunk, device=args.device, quick=args.quick)
         seconds = out["seconds"]
-        vals = cache.get(f"pre:{step}:conv:{len(points)}", lambda: _bpd(name, out["ckpt"], points, "test", args))
+        vals = cache.get(f"pre:{step}:conv:{len(points)}",
+                         lambda: _bpd(im.load(name, out["ckpt"], spec, args.device, args.quick), points, "test", args))
         history[step] = float(torch.tensor(vals).mean())
         quarter = min(history, key=lambda s: abs(s - 0.75 * step))
         change = history[step] - history[quarter] if quarter != step else float("nan")
@@ -68,32 +69,39 @@ def pretrain(name: str, runs: Path, args, cache: im.Cache, test: torch.Tensor) -
             "last_quarter_change": change, "seconds": seconds}
 
 
-def _bpd(name, ckpt, images, split, args, protocol="uniform", k=1) -> list:
-    model = im.load(name, ckpt, args.device, args.quick)
-    values, nfe = im.bpd(model, images, split=split, protocol=protocol, k=k, rtol=args.rtol)
-    return values.tolist()
+def _bpd(model, images, split, args, protocol="uniform", k=1) -> list:
+    return im.bpd(model, images, split=split, protocol=protocol, k=k, rtol=args.rtol)[0].tolist()
 
 
-def evaluate(name: str, ckpt: Path, tag: str, cache: im.Cache, train: torch.Tensor, test: torch.Tensor, args) -> dict:
+def evaluate(name: str, ckpt: Path, tag: str, cache: im.Cache, train: torch.Tensor, test: torch.Tensor, args,
+             spec) -> dict:
+    """The bits/dim columns of one checkpoint (its weights are loaded once, and only if a column is not cached)."""
     cols = {"uniform": ("test", test, "uniform", 1), "tn_k1": ("test", test, "truncated_normal", 1),
             "tn_k8": ("test", test[: args.k8_points], "truncated_normal", 8),
             "train_uniform": ("train", train, "uniform", 1)}
-    out = {}
+    out, model = {}, None
+
+    def column(x, split, protocol, k) -> list:
+        nonlocal model
+        if model is None:
+            model = im.load(name, ckpt, spec, args.device, args.quick)
+        return _bpd(model, x, split, args, protocol, k)
+
     for col, (split, x, protocol, k) in cols.items():
         start = time.perf_counter()
-        out[col] = torch.tensor(cache.get(f"{tag}:{col}:{len(x)}", lambda: _bpd(name, ckpt, x, split, args, protocol, k)),
+        out[col] = torch.tensor(cache.get(f"{tag}:{col}:{len(x)}", lambda: column(x, split, protocol, k)),
                                 dtype=torch.float64)
         print(f"[{name}] {tag} {col}: {float(out[col].mean()):.4f} bpd ({time.perf_counter() - start:.0f} s)", flush=True)
     return out
 
 
 def quality(name: str, ckpts: dict, runs: Path, args, real_train: torch.Tensor, labels: torch.Tensor,
-            real_val, cache: im.Cache) -> tuple[dict, dict]:
+            real_val, cache: im.Cache, spec) -> tuple[dict, dict]:
     """FID/KID of every model against the training patches in a classifier's feature space; the samples."""
     from hosm_lightning.features import (FeatureExtractor, fid_standard_error, load_feature_net, sample_quality,
                                          save_feature_net, train_feature_net)
 
-    levels = im.datamodule(name).levels
+    levels = spec.levels
     path = runs / "feature_net.pt"
     if path.is_file():
         net, info = load_feature_net(path), json.loads((runs / "feature_net.json").read_text())
@@ -106,7 +114,7 @@ def quality(name: str, ckpts: dict, runs: Path, args, real_train: torch.Tensor, 
     for tag, ckpt in ckpts.items():
         file = runs / f"samples_{tag}.pt"
         if not file.is_file():
-            torch.save(im.samples(im.load(name, ckpt, args.device, args.quick), args.samples, rtol=args.rtol), file)
+            torch.save(im.samples(im.load(name, ckpt, spec, args.device, args.quick), args.samples, rtol=args.rtol), file)
         fake = torch.load(file, weights_only=True)
         grids[tag] = fake[:64]
         q = cache.get(f"{tag}:quality:{args.samples}", lambda: {
@@ -130,15 +138,16 @@ def run_dataset(name: str, args) -> dict:
     g = torch.Generator().manual_seed(0)
     test = test[torch.randperm(len(test), generator=g)[: args.test_points]]
     train_eval = train[torch.randperm(len(train), generator=g)[: args.test_points]]
-    pre = pretrain(name, runs, args, cache, test)
+    spec = dm.data_spec()
+    pre = pretrain(name, runs, args, cache, test, spec)
     ckpts, seconds = {}, {"pre": pre["seconds"]}
     for tag, order in FINETUNES.items():
         out = im.fit(name, runs / tag, steps=args.finetune, order=order, lr=args.ft_lr, ema=args.ema, batch=args.batch,
                      init_from=str(pre["ckpt"]), device=args.device, quick=args.quick)
         ckpts[tag], seconds[tag] = out["ckpt"], out["seconds"]
         print(f"[{name}] fine-tune {tag}: {out['seconds']:.0f} s", flush=True)
-    evals = {tag: evaluate(name, ckpt, tag, cache, train_eval, test, args) for tag, ckpt in ckpts.items()}
-    evals["pre"] = evaluate(name, pre["ckpt"], "pre", cache, train_eval, test, args)
+    evals = {tag: evaluate(name, ckpt, tag, cache, train_eval, test, args, spec) for tag, ckpt in ckpts.items()}
+    evals["pre"] = evaluate(name, pre["ckpt"], "pre", cache, train_eval, test, args, spec)
     rows = {}
     for tag, cols in evals.items():
         rows[tag] = {col: dict(zip(("mean", "se"), mean_se(v))) for col, v in cols.items()}
@@ -147,17 +156,17 @@ def run_dataset(name: str, args) -> dict:
                 rows[tag][col]["delta"], rows[tag][col]["delta_se"] = mean_se(v - evals["control"][col])
     refs = cache.get(f"references:{len(test)}", lambda: _references(train, test, dm.levels))
     sq, grids = quality(name, {"control": ckpts["control"], "order2": ckpts["order2"], "order3": ckpts["order3"]},
-                        runs, args, train, train_labels, (val, val_labels), cache)
+                        runs, args, train, train_labels, (val, val_labels), cache, spec)
     shown = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:64]]
     figure = sample_figure(name, grids, shown, Path(args.out), dm.levels)
-    diag = diagnostics(name, ckpts, dm, runs, args)
+    diag = diagnostics(name, ckpts, dm, spec, runs, args)
     return {"name": name, "val_classes_seen": set(val_labels.tolist()) <= set(train_labels.tolist()), "budget": {k: getattr(args, k) for k in BUDGET_KEYS}, "levels": dm.levels, "shape": list(test.shape[1:]), "n_test": len(test),
             "n_train_items": len(train), "pre": {k: v for k, v in pre.items() if k != "ckpt"}, "rows": rows,
             "references": refs, "quality": sq, "seconds": seconds, "figure": figure, "diagnostics": diag,
             "total_seconds": time.perf_counter() - start}
 
 
-def diagnostics(name: str, ckpts: dict, dm, runs: Path, args) -> dict:
+def diagnostics(name: str, ckpts: dict, dm, spec, runs: Path, args) -> dict:
     """Paired dsm1–3 per σ of the fine-tunes against the control on the test images (``diagnose`` on images)."""
     from hosm_lightning.diagnose_images import run_image_diagnose
 
@@ -166,7 +175,7 @@ def diagnostics(name: str, ckpts: dict, dm, runs: Path, args) -> dict:
         return json.loads((out / "diagnose.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     n = min(args.test_points, 128)
-    return run_image_diagnose(im.build_model(name, quick=args.quick), dm, dm.data_spec(), [str(c) for c in ckpts.values()],
+    return run_image_diagnose(im.build_model(name, quick=args.quick), dm, spec, [str(c) for c in ckpts.values()],
                               list(ckpts), num_times=8, num_points=n, seed=0, out=out)
 
 

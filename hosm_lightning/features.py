@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from .core.data_range import bytes_to_model
+
 __all__ = [
     "FeatureExtractor",
     "FeatureNet",
@@ -106,7 +108,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_images(x, self.levels, self.net.in_channels)
         device = next(self.net.parameters()).device
-        out = [self.net.features(b.to(device, torch.float32) / (self.levels - 1)).double()
+        out = [self.net.features(bytes_to_model(b.to(device), False, levels=self.levels)).double()
                for b in x.split(self.batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.num_features, dtype=torch.float64, device=device)
 
@@ -128,7 +130,7 @@ def _augment(x: Tensor, gen: torch.Generator, flip: bool) -> Tensor:
 
 @torch.no_grad()
 def _accuracy(net: FeatureNet, x: Tensor, y: Tensor, levels: int) -> float:
-    pred = torch.cat([net(b.float() / (levels - 1)).argmax(1) for b in x.split(1024)])
+    pred = torch.cat([net(bytes_to_model(b, False, levels=levels)).argmax(1) for b in x.split(1024)])
     return float((pred == y).float().mean())
 
 
@@ -154,7 +156,7 @@ def train_feature_net(images: Tensor, labels: Tensor, *, levels: int, num_classe
         net = FeatureNet(images.shape[1], num_classes, feature_dim, width, levels)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    x = images.float() / (levels - 1)
+    x = bytes_to_model(images, False, levels=levels)
     net.train()
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)

@@ -175,7 +175,10 @@ class ImageDataModule(L.LightningDataModule):
                 raise ImageDataError(f"the {split} split has no images; "
                                      + ("name other sources for it" if split != "train" and self.val_sources is not None
                                         else "use more images or other fractions"))
-        self._splits = {"source": src, **groups}
+        images = sorted({i for i, _, _ in groups["train"]})
+        room = torch.tensor([float((src.images[i].shape[1] - self.patch + 1) * (src.images[i].shape[2] - self.patch + 1))
+                             for i in images])
+        self._splits = {"source": src, **groups, "train_images": images, "train_room": room}
         return self._splits
 
     def _by_source(self, src: ImageSource) -> dict:
@@ -228,9 +231,8 @@ class ImageDataModule(L.LightningDataModule):
         if not self.random_crop:
             picks = [items[j] for j in torch.randint(len(items), (n,), generator=generator).tolist()]
         else:
-            images = sorted({i for i, _, _ in items})
-            room = torch.tensor([float((src.images[i].shape[1] - p + 1) * (src.images[i].shape[2] - p + 1)) for i in images])
-            which = torch.multinomial(room, n, replacement=True, generator=generator).tolist()
+            images = s["train_images"]
+            which = torch.multinomial(s["train_room"], n, replacement=True, generator=generator).tolist()
             u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
             picks = []
             for j, (ur, uc) in zip(which, u.tolist()):
