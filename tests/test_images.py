@@ -216,28 +216,3 @@ def test_the_cli_reports_missing_image_data_in_one_line_with_exit_status_2(tmp_p
     assert lines == [f"hosm-lightning: error: image array file not found: {tmp_path / 'missing.npz'}; "
                      "set data.init_args.path to a .npy or .npz file"]
 
-
-# -- diagnose on images -----------------------------------------------------------------------------
-def test_diagnose_on_images_gives_paired_dsm_terms_per_sigma(tmp_path):
-    from helpers import tiny_trainer
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from hosm_lightning.diagnose import run_diagnose
-    from hosm_lightning.lit.module import HOSMModule
-    from hosm_lightning.nets import DDPMpp
-
-    torch.manual_seed(0)
-    net = DDPMpp(image_size=8, in_channels=1, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-    module = HOSMModule(net, sde=VPSDE(), objective={"divergence": "hutchinson"})
-    dm = ImageDataModule(source="digits", batch_size=8, steps_per_epoch=2, train_dequantization="uniform")
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_top_k=-1, filename="s{step}", auto_insert_metric_name=False)
-    trainer = tiny_trainer(tmp_path, max_steps=2, callbacks=[ckpt], enable_checkpointing=True)
-    trainer.fit(module, datamodule=dm)
-    one, two = (str(tmp_path / "ckpt" / f"s{s}.ckpt") for s in ("1", "2"))
-    dm.setup("test")
-    res = run_diagnose(module, dm, [one, one, two], ["a", "a again", "b"], num_times=3, num_points=6,
-                       identity_points=0, rtol=None, seed=0, out=tmp_path)
-    assert len(res["sigma"]) == 3 and res["n"] == 6 and (tmp_path / "diagnose.png").is_file()
-    for term in ("dsm1", "dsm2", "dsm3"):  # the same weights, noise and probes: exactly no difference
-        assert res["delta"]["a again"][term]["mean"] == [0.0, 0.0, 0.0]
-        assert all(abs(m) > 0 for m in res["delta"]["b"][term]["mean"][:2])
