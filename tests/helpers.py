@@ -1,6 +1,7 @@
 """Plain helpers shared by the tests (fixtures that wrap them are in conftest.py).
 
 * tiny networks, modules, data modules and trainers at test size;
+* :class:`LinearSigmaSDE`: an SDE without closed-form cumulatives for the non-uniform time proposals;
 * :class:`ExactScoreNet` / :func:`exact_module`: a real HOSMModule whose score is a closed form;
 * :func:`free_port` / :func:`clean_env`: loopback rendezvous for the multi-process (gloo) tests, and
   :func:`wait_all` to collect their processes (each started with ``start_new_session=True``) by a deadline.
@@ -18,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from hosm_lightning.core import GaussianMixture, HOSMObjective, ODEOptions
+from hosm_lightning.core import SDE, GaussianMixture, HOSMObjective, ODEOptions
 from hosm_lightning.data import DataSpec, SyntheticDataModule
 from hosm_lightning.lit.module import HOSMModule
 from hosm_lightning.nets import ToyScoreNet
@@ -57,6 +58,17 @@ def tiny_trainer(root, max_steps: int = 4, callbacks=(), **kw) -> L.Trainer:
                 num_sanity_val_steps=0, enable_checkpointing=False)
     args.update(kw)
     return L.Trainer(callbacks=list(callbacks), **args)
+
+
+class LinearSigmaSDE(SDE):
+    """σ(t) = t, a = 1, g² = 2t: a valid SDE for which core/time_sampling.py has no closed-form cumulative
+    (only the uniform time proposal)."""
+
+    def marginal(self, t):
+        return torch.ones_like(t), t
+
+    def g2(self, t):
+        return 2 * t
 
 
 class ExactScoreNet(ScoreNet):

@@ -62,20 +62,21 @@ def test_sigma_grid_is_log_spaced_in_sigma():
 @pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=["VE", "VP"])
 def test_time_proposal_integrates_over_eps_T(sde):
     """t(u) with the weight 1/p(t): stratified u gives ∫_eps^T f dt for f = 1 and f = t, and the weight
-    is (T − eps) for VE (uniform) and ∝ σ²/g² where the SDE has the importance sampler."""
+    is ∝ σ²/g² (the importance proposal), which is the constant T − eps for VE (g²/σ² constant)."""
     eps, n = 1e-3, 20_000
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     t, inv_p = time_proposal(sde, u, eps)
     assert t.min() >= eps and t.max() <= sde.T and bool((t[1:] >= t[:-1]).all())
     assert float((inv_p).mean()) == pytest.approx(sde.T - eps, rel=2e-3)
     assert float((t * inv_p).mean()) == pytest.approx((sde.T**2 - eps**2) / 2, rel=2e-3)
-    if sde.has_importance_sampler:
-        _, sigma = sde.marginal(t)
-        ratio = inv_p * sde.g2(t) / sigma**2  # constant: the proposal is ∝ g²/σ²
-        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-9, atol=0)
-        assert float(t.median()) < 0.5 * (sde.T + eps)  # and it is not uniform
+    _, sigma = sde.marginal(t)
+    ratio = inv_p * sde.g2(t) / sigma**2  # constant: the proposal is ∝ g²/σ²
+    torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-9, atol=0)
+    if isinstance(sde, VESDE):
+        torch.testing.assert_close(inv_p, torch.full_like(u, sde.T - eps), rtol=1e-12, atol=0)
+        torch.testing.assert_close(t, eps + u * (sde.T - eps), rtol=0, atol=1e-12)
     else:
-        torch.testing.assert_close(inv_p, torch.full_like(u, sde.T - eps), rtol=0, atol=0)
+        assert float(t.median()) < 0.5 * (sde.T + eps)  # and it is not uniform
 
 
 @pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=["VE", "VP"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hosm_lightning.core.mixtures import GaussianMixture, paper_mog1d
-from hosm_lightning.core.sde import VESDE, VPSDE
+from hosm_lightning.core.sde import VESDE, VPSDE, SubVPSDE
 
 TIMES = [1e-5, 0.3, 1.0]
 
@@ -171,6 +171,34 @@ def test_posterior_sample_reproduces_tweedie(mix_name, sde_name):
     assert ((cov_hat - cov).abs() < 5 * cov_se + 1e-12).all(), (cov_hat, cov)
     # the posterior is not the prior: the points pull the mean in different directions
     assert (mean - mean[0]).abs().max() > 10 * se.max()
+
+
+@pytest.mark.parametrize("mix_name", list(MIXES))
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("t", [0.05, 0.3])
+def test_posterior_mean_and_velocity(mix_name, sde, t):
+    """posterior_mean is Tweedie's E[x0|x_t] = (x_t + σ² s)/a (from the score, to rounding), and velocity
+    is E[a ε − σ x0 | x_t] with ε = (x_t − a x0)/σ, here by Monte Carlo over posterior_sample (no score)."""
+    mix = MIXES[mix_name]()
+    a, sigma = (float(c) for c in sde.marginal(torch.tensor([t], dtype=torch.float64)))
+    g = torch.Generator().manual_seed(5)
+    x0 = mix.sample(3, g, dtype=torch.float64)
+    xt = torch.cat([a * x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64),
+                    torch.full((1, mix.dim), 2.5 * a, dtype=torch.float64)])  # and one point in a tail
+    tt = torch.full((4,), t, dtype=torch.float64)
+    mean = mix.posterior_mean(xt, tt, sde)
+    torch.testing.assert_close(mean, (xt + sigma**2 * mix.score(xt, tt, sde)) / a, rtol=1e-10, atol=1e-12)
+    n = 20_000
+    post = mix.posterior_sample(xt, t, sde, n, generator=torch.Generator().manual_seed(6))
+    v = a * (xt - a * post) / sigma - sigma * post  # [n, B, D]
+    v_hat, se = v.mean(0), v.std(0) / math.sqrt(n)
+    velocity = mix.velocity(xt, tt, sde)
+    assert velocity.shape == xt.shape
+    assert ((v_hat - velocity).abs() < 5 * se).all(), (v_hat, velocity)
+    # the same formula with the prior mean in place of the posterior mean is far off: the check has power
+    prior_mean = (mix.weights[:, None] * mix.means).sum(0)
+    wrong = a * (xt - a * prior_mean) / sigma - sigma * prior_mean
+    assert ((v_hat - wrong).abs() > 10 * se).any()
 
 
 def test_entropy_paper_mixture_and_single_gaussian():

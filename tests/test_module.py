@@ -3,6 +3,8 @@ guard, configuration checks and checkpoints."""
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -15,7 +17,7 @@ from hosm_lightning.lit.module import HOSMModule
 from hosm_lightning.core.stages import Stage, lr_factor, stage_at, validate_stages
 from hosm_lightning.nets import DDPMpp, NCSNpp, ToyScoreNet
 
-from helpers import tiny_data, tiny_module, tiny_net, tiny_trainer
+from helpers import LinearSigmaSDE, tiny_data, tiny_module, tiny_net, tiny_trainer
 
 STAGES = [Stage(order=1, steps=3), Stage(order=2, steps=3), Stage(order=3)]
 
@@ -115,6 +117,38 @@ def test_grad_norms_per_term(tmp_path):
         assert logged[f"train/grad_norm_{k}"] == pytest.approx(float(norm), rel=1e-4), k
 
 
+def test_velocity_parameterization_with_flow_matching_trains_and_logs_fm2(tmp_path):
+    """i-DODE's setting end to end: a velocity-predicting net, the likelihood weighting with t from the
+    velocity proposal, flow-matching higher orders. Order 1 logs dsm1; order 2 logs fm2 (and its gradient
+    norm) in place of dsm2, in training and validation; train/loss of step 0 is the mean weighted dsm1."""
+    rec = _Record()
+    objective = {"weighting": "likelihood", "time_proposal": "velocity", "higher_order": "flow"}
+    stages = [{"order": 1, "steps": 2}, {"order": 2}]
+    make = lambda: tiny_module(sde=VPSDE(), parameterization="velocity", objective=objective, stages=stages,  # noqa: E731
+                               fit={"val_likelihood": False, "grad_norm_every": 1})
+    module = make()
+    assert module.score_model.parameterization == "velocity" and module.objective.higher_order == "flow"
+    trainer = tiny_trainer(tmp_path, 4, [rec], log_every_n_steps=1, limit_val_batches=1)
+    trainer.fit(module, tiny_data(batch_size=16, steps_per_epoch=4))
+    assert [int(m["train/order"]) for m in rec.metrics] == [1, 1, 2, 2]
+    terms = lambda m, prefix: sorted(k for k in m if k.startswith(prefix))  # noqa: E731
+    assert terms(rec.metrics[0], "train/dsm") == ["train/dsm1"] and terms(rec.metrics[0], "train/fm") == []
+    last = rec.metrics[-1]
+    assert terms(last, "train/dsm") == ["train/dsm1"] and terms(last, "train/fm") == ["train/fm2"]
+    assert "train/grad_norm_fm2" in last and "train/grad_norm_dsm2" not in last
+    assert all(math.isfinite(v) for v in last.values()) and last["train/fm2"] > 0
+    val = trainer.callback_metrics
+    assert "val/fm2" in val and "val/dsm2" not in val and math.isfinite(float(val["val/fm2"]))
+    # step 0: the loss is the mean of weight1 · dsm1 with weight1 = ((a² + σ²)/a)² of the velocity proposal
+    fresh = make()
+    x0 = next(iter(tiny_data(batch_size=16, steps_per_epoch=4).train_dataloader()))
+    loss, first = fresh.objective(fresh.score_model, fresh.sde, x0, 1, fresh.generator("train", 0, 0))
+    assert not torch.allclose(first.weight1, torch.ones_like(first.weight1))
+    torch.testing.assert_close(loss, first.weight1 * first.dsm1)
+    assert rec.metrics[0]["train/loss"] == pytest.approx(float(loss.mean().detach()), rel=1e-5)
+    assert rec.metrics[0]["train/dsm1"] == pytest.approx(float(first.dsm1.mean().detach()), rel=1e-5)
+
+
 # -- resume ---------------------------------------------------------------------------------------
 class _Crash(L.Callback):
     def __init__(self, at):
@@ -211,10 +245,13 @@ def test_nan_gradients_with_a_finite_loss_never_reach_the_weights(tmp_path):
 
 # -- configuration checks -----------------------------------------------------------------------
 def test_module_checks_objective_settings_that_depend_on_the_sde():
-    with pytest.raises(SettingsError) as err:  # VE has no importance sampler of t
-        HOSMModule(net=tiny_net(), objective=HOSMObjective(importance_sampling=True))
-    assert err.value.owner == "HOSMObjective" and err.value.field == "importance_sampling"
-    HOSMModule(net=tiny_net(), sde=VPSDE(), objective=HOSMObjective(importance_sampling=True))
+    likelihood = HOSMObjective(weighting="likelihood", time_proposal="importance")
+    with pytest.raises(SettingsError, match="no 'importance' time proposal for LinearSigmaSDE") as err:
+        HOSMModule(net=tiny_net(), sde=LinearSigmaSDE(), objective=likelihood)
+    assert err.value.owner == "HOSMObjective" and err.value.field == "time_proposal"
+    HOSMModule(net=tiny_net(), sde=LinearSigmaSDE(), objective=HOSMObjective())  # uniform t needs no closed form
+    for sde in (VESDE(), VPSDE()):
+        HOSMModule(net=tiny_net(), sde=sde, objective=likelihood)
 
 
 @pytest.mark.parametrize("kw,match", [({"parameterization": "x0"}, "parameterization"),

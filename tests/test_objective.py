@@ -1,10 +1,13 @@
-"""The training objective, ``HOSMObjective`` (core/objective.py) on the equations of core/dsm.py
-(docs/design.md §3, eqs. 3.1-3.5).
+"""The training objective, ``HOSMObjective`` (core/objective.py) on the equations of core/dsm.py and
+core/flow.py (docs/design.md §3, eqs. 3.1-3.11).
 
-Every term and its θ-gradients equal the one reference implementation of the DSM equations,
-tests/reference.py ``dsm_terms``; then: stationarity at the true score, exact against Hutchinson
-estimates, the draws (t, then z, then the probe v), the per-sample loss (3.5), the settings and their
-validation, precision under autocast, image-shaped data, importance-sampled times and bad inputs.
+Every DSM term and its θ-gradients equal the one reference implementation of the DSM equations,
+tests/reference.py ``dsm_terms``, and every flow-matching term is its DSM term times a function of t;
+then: stationarity at the true score of every loss (DSM, likelihood-weighted, flow matching) and the
+failure of i-DODE's probe pairing, exact against Hutchinson estimates, the draws (t, then z, then the
+probe v), the per-sample loss (3.5) with the factor of dsm1, the settings and their validation,
+precision under autocast, image-shaped data, the time proposals and bad inputs. The time proposals
+themselves are tested in tests/test_time_sampling.py.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import pytest
 import torch
 
 from hosm_lightning.core import GaussianMixture, HOSMObjective, SettingsError, SubVPSDE, VESDE, VPSDE, paper_mog1d
+from hosm_lightning.core import time_sampling
 from hosm_lightning.core.dsm import ExactJacobian, ProbeProducts, c_vector, dsm1, dsm3, perturb, score_derivatives
 from hosm_lightning.nets import ScoreModel, SmallConvNet
 
+from helpers import LinearSigmaSDE
 from reference import dsm_terms
 
 MIX = GaussianMixture(
@@ -28,6 +33,9 @@ MIX = GaussianMixture(
 )
 ESTIMATORS = [("exact", "jvp"), ("hutchinson", "jvp"), ("hutchinson", "vjp")]
 ESTIMATOR_IDS = ["exact", "hutchinson-jvp", "hutchinson-vjp"]
+#: the (weighting, time proposal) pairs that are offered
+PAIRS = [("sigma2", "uniform"), ("likelihood", "uniform"), ("likelihood", "importance"), ("likelihood", "velocity")]
+PAIR_IDS = [f"{w}-{p}" for w, p in PAIRS]
 
 
 def _probe(shape, g, dtype=torch.float64):
@@ -108,27 +116,74 @@ def test_image_shaped_terms_equal_the_reference_on_flat_data():
     torch.testing.assert_close(loss, ref["dsm1"], rtol=1e-9, atol=1e-12)
 
 
-# -- stationarity at the true score -----------------------------------------------------------------
-def _theta_grads(mix, sde, theta0, divergence, product, n, seed=0):
-    """d E[dsm_k] / d θ at θ0 for k = 1, 2, 3: {term: (mean, standard error)} over n samples.
+# -- flow matching: the DSM terms in velocity space ----------------------------------------------------
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["VP", "subVP", "VE"])
+@pytest.mark.parametrize("divergence,product", ESTIMATORS, ids=ESTIMATOR_IDS)
+def test_flow_terms_are_the_dsm_terms_weighted_in_time(make_net, sde, divergence, product):
+    """On the same (t, z, v), with m = a² + σ²: the full part of fm2 is D (m/a)² times the Frobenius part
+    of dsm2, its trace part D (m/a)² times the trace part, and fm3 = (m/a)² dsm3, in value and θ-gradient
+    (eqs. 3.9-3.11), for the exact and both probe estimates (the same probe)."""
+    net = make_net(2, seed=3).double()
+    score_fn = ScoreModel(net, sde)
+    x0, t, z, v = _draws(32)
+    a, sigma = sde.marginal(t)
+    factor = ((a * a + sigma * sigma) / a) ** 2
+    assert (factor - 1).abs().max() > 0.5  # a weight in t that really differs from 1
+    params, d = list(net.parameters()), 2
+    for form in ("frobenius", "trace"):
+        settings = dict(divergence=divergence, probe_product=product, order2_form=form)
+        _, flow = HOSMObjective(higher_order="flow", **settings)(score_fn, sde, x0, 3, t=t, z=z, v=v)
+        _, dsm = HOSMObjective(**settings)(score_fn, sde, x0, 3, t=t, z=z, v=v)
+        assert set(flow.terms()) == {"dsm1", "fm2", "fm3"} and flow.dsm2 is None and flow.dsm3 is None
+        assert torch.equal(flow.dsm1, dsm.dsm1)
+        # the score-space record is the same in both modes
+        for k in ("dsm2_fro", "dsm2_tr", "r"):
+            assert torch.equal(getattr(flow, k), getattr(dsm, k)), k
+        for ours, ref in ((flow.fm2, d * factor * dsm.dsm2), (flow.fm3, factor * dsm.dsm3)):
+            assert ours.shape == (32,) and ref.abs().min() > 1e-10
+            torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+            for g_ours, g_ref in zip(_grads(ours, params), _grads(ref, params)):
+                torch.testing.assert_close(g_ours, g_ref, rtol=1e-8, atol=1e-12)
+        # order 2 computes the same fm2 and no fm3
+        _, low = HOSMObjective(higher_order="flow", **settings)(score_fn, sde, x0, 2, t=t, z=z, v=v)
+        assert set(low.terms()) == {"dsm1", "fm2"} and low.fm3 is None
+        torch.testing.assert_close(low.fm2, flow.fm2, rtol=1e-12, atol=0)
 
-    The score is exact plus θ h(x, t) / σ(t), a smooth perturbation on the ε scale of a net, with one
-    θ_i per sample: the gradient with respect to θ_i is sample i's own, so one batch gives the mean and
-    its standard error."""
+
+# -- stationarity at the true score -----------------------------------------------------------------
+def _theta_grads(mix, sde, theta0, n, order=3, seed=0, scale="eps", **settings):
+    """d/dθ of every term of ``HOSMObjective(**settings)`` and of its per-sample loss ('loss') at θ0:
+    {name: (mean, standard error)} over n samples.
+
+    The score is exact plus θ h(x, t) f(t), a smooth perturbation on the ε scale of a net (f = 1/σ:
+    ε̂ − ε* = θ h) or, with ``scale='velocity'``, on the v scale (f = a/(σ (a² + σ²)): v̂ − v* = −θ h).
+    One θ_i per sample: the gradient with respect to θ_i is sample i's own, so one batch gives the mean
+    and its standard error."""
     g = torch.Generator().manual_seed(seed)
     x0 = mix.sample(n, g)
     theta = torch.full((n,), theta0, requires_grad=True)
 
     def score_fn(x, t):
         h = torch.sin(3 * x) + 0.5 * x.flip(-1) * t[:, None]
-        return mix.score(x, t, sde) + theta[:, None] * h / sde.marginal(t)[1][:, None]
+        a, sigma = sde.marginal(t)
+        f = 1 / sigma if scale == "eps" else a / (sigma * (a * a + sigma * sigma))
+        return mix.score(x, t, sde) + theta[:, None] * h * f[:, None]
 
-    _, terms = HOSMObjective(divergence=divergence, probe_product=product)(score_fn, sde, x0, 3, g)
+    loss, terms = HOSMObjective(**settings)(score_fn, sde, x0, order, g)
     out = {}
-    for k, value in terms.terms().items():
+    for k, value in {**terms.terms(), "loss": loss}.items():
         (grad,) = torch.autograd.grad(value.sum(), theta, retain_graph=True)
         out[k] = (grad.mean().item(), grad.std().item() / n**0.5)
     return out
+
+
+def _assert_stationary(at_truth, away):
+    """Every gradient is ~0 at the truth (|mean| < 4 s.e.) and clearly not at θ = 0.3 (> 8 s.e.)."""
+    assert set(at_truth) == set(away)
+    for k, (mean0, se0) in at_truth.items():
+        assert abs(mean0) < 4 * se0, f"{k}: gradient at the truth {mean0:.3g} ± {se0:.3g} is not ~0"
+        mean1, se1 = away[k]
+        assert abs(mean1) > 8 * se1, f"{k}: gradient at theta=0.3 {mean1:.3g} ± {se1:.3g} too small"
 
 
 STATIONARY_CASES = [  # the 1-D case needs more samples for the same power at θ = 0.3
@@ -146,13 +201,102 @@ def test_terms_are_stationary_at_the_true_score(mix, sde, divergence, product, n
 
     Catches sign and stop-gradient mistakes (a c that carries gradient, a wrong sign in r).
     """
-    at_truth = _theta_grads(mix, sde, 0.0, divergence, product, n)
-    away = _theta_grads(mix, sde, 0.3, divergence, product, n)
-    assert set(at_truth) == {"dsm1", "dsm2", "dsm3"}
-    for k, (mean0, se0) in at_truth.items():
-        assert abs(mean0) < 4 * se0, f"{k}: gradient at the truth {mean0:.3g} ± {se0:.3g} is not ~0"
-        mean1, se1 = away[k]
-        assert abs(mean1) > 8 * se1, f"{k}: gradient at theta=0.3 {mean1:.3g} ± {se1:.3g} too small"
+    settings = dict(divergence=divergence, probe_product=product)
+    at_truth = _theta_grads(mix, sde, 0.0, n, **settings)
+    assert set(at_truth) == {"dsm1", "dsm2", "dsm3", "loss"}
+    _assert_stationary(at_truth, _theta_grads(mix, sde, 0.3, n, **settings))
+
+
+@pytest.mark.parametrize("proposal", ["uniform", "importance", "velocity"])
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["VP", "subVP", "VE"])
+def test_likelihood_weighted_first_order_loss_is_stationary_at_the_true_score(sde, proposal):
+    """The per-sample loss weight1 · dsm1 of the likelihood weighting (order 1), for t from each proposal.
+
+    A weight that depends on t only keeps E[d dsm1/dθ | t] = 0 at the truth; the weights make the
+    estimate heavy-tailed, so: with 'uniform' the factor is g²/σ² ~ 1/t, and eps = 1e-3 (at 1e-5 the few
+    samples near eps make the standard error too large to show the gradient at θ = 0.3); with 'velocity'
+    the factor ((a² + σ²)/a)² is largest where that proposal rarely draws, so the perturbation is on the
+    v scale, where it is bounded there."""
+    settings = dict(weighting="likelihood", time_proposal=proposal, eps=1e-3 if proposal == "uniform" else None)
+    scale = "velocity" if proposal == "velocity" else "eps"
+    at_truth = _theta_grads(MIX, sde, 0.0, 20_000, order=1, scale=scale, **settings)
+    assert set(at_truth) == {"dsm1", "loss"}
+    _assert_stationary(at_truth, _theta_grads(MIX, sde, 0.3, 20_000, order=1, scale=scale, **settings))
+
+
+FLOW_STATIONARY_CASES = [  # (mixture, divergence, probe product, time proposal, n) under VP
+    (paper_mog1d(), "exact", "jvp", "uniform", 20_000),
+    (MIX, "exact", "jvp", "uniform", 5_000),
+    (MIX, "hutchinson", "jvp", "uniform", 5_000),
+    (MIX, "hutchinson", "vjp", "uniform", 5_000),
+    (MIX, "exact", "jvp", "velocity", 5_000),
+]
+
+
+@pytest.mark.parametrize("mix,divergence,product,proposal,n", FLOW_STATIONARY_CASES,
+                         ids=["mog1d-exact", "mix2d-exact", "mix2d-hutchinson", "mix2d-hutchinson-vjp",
+                              "mix2d-exact-velocity-proposal"])
+def test_flow_terms_are_stationary_at_the_true_score(mix, divergence, product, proposal, n):
+    """fm2 and fm3 (and the loss with them) under VP: the σ² weighting with uniform t, and i-DODE's
+    setting (likelihood weighting, velocity proposal, perturbation on the v scale as above)."""
+    settings = dict(higher_order="flow", divergence=divergence, probe_product=product)
+    if proposal == "velocity":
+        settings.update(weighting="likelihood", time_proposal="velocity", scale="velocity")
+    at_truth = _theta_grads(mix, VPSDE(), 0.0, n, **settings)
+    assert set(at_truth) == {"dsm1", "fm2", "fm3", "loss"}
+    _assert_stationary(at_truth, _theta_grads(mix, VPSDE(), 0.3, n, **settings))
+
+
+#: two components offset along the diagonal: the off-diagonal of the score Jacobian is >= 0 everywhere
+DIAGONAL_MIX = GaussianMixture(means=[[1.0, 1.0], [-1.0, -1.0]], variances=0.05)
+
+
+def test_idode_probe_pairing_is_not_stationary_at_the_true_score():
+    """fm2's trace part with one probe p: ours pairs pᵀ∂v̂p with (uᵀp)², i-DODE's with the exact ||u||².
+
+    With B = σ ∂v̂ − a I and the truth's E[a u uᵀ/m | x_t] = −B, ours averages to zero given (x_t, p);
+    i-DODE's to pᵀBp − tr B = Σ_{i≠j} B_ij p_i p_j, so its θ-gradient has mean (2/D) Σ_{i≠j} B_ij (K_ij + K_ji)
+    with K = σ ∂_θ ∂v̂. The perturbation θ x.flip/σ (on the ε scale) has ∂_θ J = [[0, 1], [1, 0]]/σ, so
+    K₁₂ = K₂₁ = −σ m/a, B₁₂ = −(σ² m/a) J₁₂ and the mean is 4 σ³ m² J₁₂ / a² (D = 2), J = ∇² log q_t: not
+    zero for DIAGONAL_MIX. Both terms are computed here from (3.9); ours is the objective's fm2."""
+    sde, mix, n, d = VPSDE(), DIAGONAL_MIX, 5000, 2
+    g = torch.Generator().manual_seed(0)
+    x0 = mix.sample(n, g, dtype=torch.float64)
+    t = 1e-3 + (1 - 1e-3) * torch.rand(n, generator=g, dtype=torch.float64)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    p = _probe((n, d), g)
+    theta = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    a, sigma = sde.marginal(t)
+    m = a * a + sigma * sigma
+    col = lambda c: c[:, None]  # noqa: E731
+
+    def score_fn(x, tt):
+        return mix.score(x, tt, sde) + col(theta) * x.flip(-1) / col(sde.marginal(tt)[1])
+
+    xt = col(a) * x0 + col(sigma) * z
+    v_hat = lambda x: -(col(m * sigma) * score_fn(x, t) + col(sigma) * x) / col(a)  # noqa: E731
+    v_hat_xt, dv_p = torch.func.jvp(v_hat, (xt,), (p,))
+    p_dv_p = (p * dv_p).sum(1)
+    u = (col(a) * z - col(sigma) * x0 - v_hat_xt).detach()
+    ours = (sigma * p_dv_p - a * (d - (u * p).sum(1) ** 2 / m)) ** 2 / d
+    idode = (sigma * p_dv_p - a * (d - (u * u).sum(1) / m)) ** 2 / d
+    _, terms = HOSMObjective(divergence="hutchinson", higher_order="flow", order2_form="trace")(
+        score_fn, sde, x0, 2, t=t, z=z, v=p)
+    torch.testing.assert_close(terms.fm2, ours, rtol=1e-9, atol=1e-12)
+
+    def mean_se(grad):
+        return grad.mean().item(), grad.std().item() / n**0.5
+
+    grad = lambda value: torch.autograd.grad(value.sum(), theta, retain_graph=True)[0]  # noqa: E731
+    mean, se = mean_se(grad(terms.fm2))
+    assert abs(mean) < 4 * se, f"ours: {mean:.3g} ± {se:.3g}"
+    mean, se = mean_se(grad(idode))
+    assert mean > 8 * se, f"i-DODE's: {mean:.3g} ± {se:.3g}"
+    j12 = mix.score_jacobian(xt, t, sde)[:, 0, 1]
+    assert (j12 >= 0).all()
+    # and the bias is the one derived above
+    mean, se = mean_se(grad(idode) - 4 * sigma**3 * m**2 * j12 / a**2)
+    assert abs(mean) < 4 * se, f"i-DODE's minus its predicted bias: {mean:.3g} ± {se:.3g}"
 
 
 # -- exact against Hutchinson -----------------------------------------------------------------------
@@ -216,28 +360,32 @@ def test_auto_divergence_is_exact_up_to_four_dimensions(make_net):
 
 
 # -- draws -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("importance", [False, True])
-def test_draws_are_t_then_z_then_the_probe(make_net, importance):
+@pytest.mark.parametrize("weighting,proposal,higher_order", [("sigma2", "uniform", "dsm"),
+                                                             ("likelihood", "importance", "dsm"),
+                                                             ("likelihood", "velocity", "flow")])
+def test_draws_are_t_then_z_then_the_probe(make_net, weighting, proposal, higher_order):
     sde = VPSDE()
     score_fn = ScoreModel(make_net(2).double(), sde)
     x0 = MIX.sample(8, torch.Generator().manual_seed(0), dtype=torch.float64)
-    objective = HOSMObjective(divergence="hutchinson", eps=1e-3, importance_sampling=importance)
+    objective = HOSMObjective(divergence="hutchinson", eps=1e-3, weighting=weighting, time_proposal=proposal,
+                              higher_order=higher_order)
     loss, drawn = objective(score_fn, sde, x0, 3, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
-    t = sde.sample_t(8, 1e-3, generator=g, importance=importance)
+    t = time_sampling.sample_t(sde, proposal, 8, 1e-3, g)
     z = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     v = _probe(x0.shape, g)
     pre_loss, given = objective(score_fn, sde, x0, 3, t=t, z=z, v=v)
     assert torch.equal(drawn.t, t.double()) and torch.equal(given.t, t.double())
     assert torch.equal(loss, pre_loss)
-    for k in ("dsm1", "dsm2", "dsm3", "dsm2_fro", "dsm2_tr", "r"):
+    for k in (*drawn.terms(), "weight1", "dsm2_fro", "dsm2_tr", "r"):
         assert torch.equal(getattr(drawn, k), getattr(given, k)), k
     # pre-drawn t and z skip their draws: the generator's first draw is then the probe
     _, probe_only = objective(score_fn, sde, x0, 3, torch.Generator().manual_seed(7), t=t, z=z)
     ref = dsm_terms(score_fn, x0, sde, t.double(), z, _probe(x0.shape, torch.Generator().manual_seed(7)))
-    for k, value in probe_only.terms().items():
-        torch.testing.assert_close(value, ref[k], rtol=1e-9, atol=1e-12)
-    assert not torch.equal(probe_only.dsm2, given.dsm2)
+    torch.testing.assert_close(probe_only.dsm1, ref["dsm1"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(probe_only.dsm2_fro + probe_only.dsm2_tr, ref["dsm2"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(probe_only.r.pow(2).sum(1) / 8, ref["dsm3"], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(probe_only.dsm2_tr, given.dsm2_tr)
 
 
 def test_perturb_is_a_x0_plus_sigma_z():
@@ -262,7 +410,7 @@ def test_the_steps_of_core_dsm_compose_to_the_objective(make_net, divergence):
     assert isinstance(der, ExactJacobian if divergence == "exact" else ProbeProducts)
     c = c_vector(der.s, p.z, p.sigma)
     fro, tr = der.dsm2(c, p.sigma)
-    _, terms = HOSMObjective(divergence=divergence, dsm2_form="both")(score_fn, sde, x0, 3, t=t, z=z, v=v)
+    _, terms = HOSMObjective(divergence=divergence, order2_form="both")(score_fn, sde, x0, 3, t=t, z=z, v=v)
     assert torch.equal(dsm1(der.s, p.z, p.sigma), terms.dsm1)
     assert torch.equal(fro + tr, terms.dsm2)
     assert torch.equal(dsm3(der.residual(c, p.sigma)), terms.dsm3)
@@ -287,6 +435,47 @@ def test_loss_is_eq_3_5_per_sample(make_net, order, lambda2, lambda3):
     assert (terms.dsm2 is None) == (order < 2) and (terms.dsm3 is None) == (order < 3)
     if lambda2 > 0 and order >= 2 or order == 3:  # the weighted terms really are there
         assert (loss > terms.dsm1).all()
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_flow_loss_is_weighted_dsm1_plus_the_flow_terms(make_net, order):
+    """loss = weight1 dsm1 + λ₂ fm2 + λ₃ w(σ) fm3 per sample, here with the velocity proposal's factor."""
+    sde = VPSDE()
+    score_fn = ScoreModel(make_net(2), sde)
+    x0 = MIX.sample(16, torch.Generator().manual_seed(0))
+    objective = HOSMObjective(lambda2=0.5, lambda3=0.1, weighting="likelihood", time_proposal="velocity",
+                              higher_order="flow", dsm3_sigma_cap=0.02)  # this proposal draws mostly σ < 0.2
+    loss, terms = objective(score_fn, sde, x0, order, torch.Generator().manual_seed(1))
+    expected = terms.weight1 * terms.dsm1
+    if order >= 2:
+        expected = expected + 0.5 * terms.fm2
+    if order == 3:
+        expected = expected + 0.1 * objective.dsm3_weight(terms.sigma) * terms.fm3
+    assert loss.shape == (16,) and loss.requires_grad
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert list(terms.terms()) == ["dsm1", "fm2", "fm3"][:order]
+    assert terms.dsm2 is None and terms.dsm3 is None
+    assert (terms.weight1 > 1).all()  # ((a² + σ²)/a)² = 1/a² for VP
+    if order == 3:
+        assert (objective.dsm3_weight(terms.sigma) < 1).any()  # the cap weighs fm3 as it weighs dsm3
+
+
+@pytest.mark.parametrize("weighting,proposal", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["VP", "subVP", "VE"])
+def test_weight1_is_the_loss_factor_of_the_weighting_and_proposal(make_net, sde, weighting, proposal):
+    """t from the proposal, weight1 = w(t)/p̃(t) of core/time_sampling.py at that t (computed in float64),
+    and the order-1 loss is weight1 · dsm1."""
+    score_fn = ScoreModel(make_net(2), sde)
+    x0 = MIX.sample(64, torch.Generator().manual_seed(0))
+    objective = HOSMObjective(eps=1e-3, weighting=weighting, time_proposal=proposal)
+    loss, terms = objective(score_fn, sde, x0, 1, torch.Generator().manual_seed(1))
+    assert torch.equal(terms.t, time_sampling.sample_t(sde, proposal, 64, 1e-3, torch.Generator().manual_seed(1)))
+    expected = time_sampling.loss_factor(sde, weighting, proposal, terms.t.double()).float()
+    assert terms.weight1.shape == (64,) and torch.equal(terms.weight1, expected)
+    torch.testing.assert_close(loss, terms.weight1 * terms.dsm1, rtol=0, atol=0)
+    # the likelihood weighting with its importance proposal is the plain dsm1, as is the σ² weighting
+    plain = (weighting, proposal) in (("sigma2", "uniform"), ("likelihood", "importance"))
+    assert torch.equal(expected, torch.ones_like(expected)) == plain
 
 
 def test_dsm3_sigma_cap_weights_each_sample_by_its_noise_level(make_net):
@@ -321,6 +510,7 @@ def test_terms_record(make_net, order):
     assert set(terms.terms()) == {f"dsm{k}" for k in range(1, order + 1)}
     assert {k: v.shape for k, v in terms.terms().items()} == {f"dsm{k}": (8,) for k in range(1, order + 1)}
     assert terms.t.shape == terms.sigma.shape == (8,)
+    assert torch.equal(terms.weight1, torch.ones(8)) and terms.fm2 is None and terms.fm3 is None
     torch.testing.assert_close(terms.sigma, sde.marginal(terms.t)[1], rtol=0, atol=0)
     assert (terms.dsm2_fro is None) == (order < 2) and (terms.r is None) == (order < 3)
     if order >= 2:
@@ -334,14 +524,14 @@ def test_terms_record(make_net, order):
 
 
 @pytest.mark.parametrize("form", ["frobenius", "trace"])
-def test_dsm2_form_selects_a_part_of_eq_3_2(make_net, form):
+def test_order2_form_selects_a_part_of_eq_3_2(make_net, form):
     sde = VPSDE()
     net = make_net(2)
     score_fn = ScoreModel(net, sde)
     x0 = MIX.sample(16, torch.Generator().manual_seed(0))
-    _, both = HOSMObjective(dsm2_form="both")(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
-    _, part = HOSMObjective(dsm2_form=form)(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
-    _, other = HOSMObjective(dsm2_form={"frobenius": "trace", "trace": "frobenius"}[form])(
+    _, both = HOSMObjective(order2_form="both")(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
+    _, part = HOSMObjective(order2_form=form)(score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
+    _, other = HOSMObjective(order2_form={"frobenius": "trace", "trace": "frobenius"}[form])(
         score_fn, sde, x0, 2, torch.Generator().manual_seed(1))
     torch.testing.assert_close(part.dsm2.detach(), both.dsm2_fro if form == "frobenius" else both.dsm2_tr,
                                rtol=0, atol=0)
@@ -357,22 +547,26 @@ def test_eps_none_is_the_sde_default(make_net):
     score_fn_for = lambda sde: ScoreModel(make_net(2), sde)  # noqa: E731
     for sde, eps in ((VPSDE(), 1e-5), (SubVPSDE(), 1e-2)):
         _, terms = HOSMObjective()(score_fn_for(sde), sde, x0, 1, torch.Generator().manual_seed(2))
-        assert torch.equal(terms.t, sde.sample_t(64, eps, generator=torch.Generator().manual_seed(2)))
+        assert torch.equal(terms.t, time_sampling.sample_t(sde, "uniform", 64, eps, torch.Generator().manual_seed(2)))
         assert terms.t.min() >= eps
     # the defaults differ, so the check above tells them apart
-    assert not torch.equal(VPSDE().sample_t(64, 1e-5, generator=torch.Generator().manual_seed(2)),
-                           SubVPSDE().sample_t(64, 1e-2, generator=torch.Generator().manual_seed(2)))
+    assert not torch.equal(time_sampling.sample_t(VPSDE(), "uniform", 64, 1e-5, torch.Generator().manual_seed(2)),
+                           time_sampling.sample_t(SubVPSDE(), "uniform", 64, 1e-2, torch.Generator().manual_seed(2)))
     _, terms = HOSMObjective(eps=0.3)(score_fn_for(SubVPSDE()), SubVPSDE(), x0, 1, torch.Generator().manual_seed(2))
     assert terms.t.min() >= 0.3
 
 
 def test_check_sde():
     HOSMObjective().check_sde(VESDE())
-    HOSMObjective(importance_sampling=True).check_sde(VPSDE())
-    HOSMObjective(importance_sampling=True).check_sde(SubVPSDE())
-    with pytest.raises(SettingsError, match="VPSDE and SubVPSDE only") as err:
-        HOSMObjective(importance_sampling=True).check_sde(VESDE())
-    assert (err.value.owner, err.value.field) == ("HOSMObjective", "importance_sampling")
+    HOSMObjective(weighting="likelihood").check_sde(LinearSigmaSDE())  # uniform t needs no closed form
+    for proposal in ("importance", "velocity"):
+        objective = HOSMObjective(weighting="likelihood", time_proposal=proposal)
+        for sde in (VPSDE(), SubVPSDE(), VESDE()):
+            objective.check_sde(sde)
+        with pytest.raises(SettingsError, match=rf"^HOSMObjective\.time_proposal no '{proposal}' time proposal for "
+                                                r"LinearSigmaSDE; use time_proposal: uniform$") as err:
+            objective.check_sde(LinearSigmaSDE())
+        assert (err.value.owner, err.value.field) == ("HOSMObjective", "time_proposal")
 
     class ShortSDE(VPSDE):
         T = 0.5
@@ -389,8 +583,9 @@ def test_check_sde():
     [
         ("lambda2", -1), ("lambda3", -0.5), ("lambda2", float("nan")), ("lambda3", float("inf")), ("lambda2", "1"),
         ("lambda2", True), ("eps", 0.0), ("eps", 1.0), ("eps", -1e-5), ("eps", "small"),
-        ("divergence", "foo"), ("dsm2_form", "fro"), ("probe_product", "jacobian"),
-        ("importance_sampling", "yes"), ("importance_sampling", 1),
+        ("divergence", "foo"), ("order2_form", "fro"), ("order2_form", None), ("probe_product", "jacobian"),
+        ("weighting", "g2"), ("weighting", None), ("time_proposal", "log-snr"), ("time_proposal", True),
+        ("higher_order", "velocity"), ("higher_order", 2),
         ("dsm3_sigma_cap", 0), ("dsm3_sigma_cap", -1.0), ("dsm3_sigma_cap", float("nan")), ("dsm3_sigma_cap", "1"),
     ],
 )
@@ -402,22 +597,26 @@ def test_invalid_fields_raise_a_settings_error_naming_the_field(field, value):
 
 
 def test_fields_are_coerced_validated_once_and_plain_data():
-    obj = HOSMObjective(lambda2=1, lambda3=0, eps=1e-3, dsm3_sigma_cap=2)
+    obj = HOSMObjective(lambda2=1, lambda3=0, eps=1e-3, dsm3_sigma_cap=2, order2_form="trace", weighting="likelihood",
+                        time_proposal="velocity", higher_order="flow")
     assert type(obj.lambda2) is float and type(obj.lambda3) is float and obj.lambda3 == 0.0
     assert type(obj.dsm3_sigma_cap) is float
     with pytest.raises(dataclasses.FrozenInstanceError):
         obj.lambda2 = 3.0
     d = obj.as_dict()
-    assert d == {"lambda2": 1.0, "lambda3": 0.0, "eps": 1e-3, "divergence": "auto", "dsm2_form": "both",
-                 "probe_product": "jvp", "importance_sampling": False, "dsm3_sigma_cap": 2.0}
-    assert HOSMObjective(**d) == obj
+    assert d == {"lambda2": 1.0, "lambda3": 0.0, "eps": 1e-3, "divergence": "auto", "order2_form": "trace",
+                 "probe_product": "jvp", "weighting": "likelihood", "time_proposal": "velocity",
+                 "higher_order": "flow", "dsm3_sigma_cap": 2.0}
+    assert HOSMObjective(**d) == obj and HOSMObjective(**{**d, "time_proposal": "importance"}) != obj
+    defaults = HOSMObjective().as_dict()
+    assert (defaults["weighting"], defaults["time_proposal"], defaults["higher_order"]) == ("sigma2", "uniform", "dsm")
     buf = io.BytesIO()
     torch.save({"objective": d}, buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=True)["objective"] == d
 
 
-# -- precision, images, importance sampling ----------------------------------------------------------
+# -- precision, images, time proposals -----------------------------------------------------------------
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
 def test_high_order_terms_run_in_float32_under_autocast(make_net, divergence):
     sde = VPSDE()
@@ -450,15 +649,17 @@ def test_importance_sampled_times(make_net):
     sde = VPSDE()
     score_fn = ScoreModel(make_net(2), sde)
     x0 = MIX.sample(256, torch.Generator().manual_seed(0))
-    _, terms = HOSMObjective(importance_sampling=True, eps=1e-3)(score_fn, sde, x0, 1, torch.Generator().manual_seed(0))
+    objective = HOSMObjective(weighting="likelihood", time_proposal="importance", eps=1e-3)
+    _, terms = objective(score_fn, sde, x0, 1, torch.Generator().manual_seed(0))
     assert terms.t.min() >= 1e-3 and terms.t.max() <= 1.0
     # p(t) ∝ g²/σ² = d/dt log(e^B - 1): the median solves log expm1(B(m)) = mean of the end values
     w = lambda tt: torch.log(torch.expm1(sde.int_beta(tt)))  # noqa: E731
     grid = torch.linspace(1e-3, 1, 100001, dtype=torch.float64)
     median = grid[(w(grid) < 0.5 * (w(grid[0]) + w(grid[-1]))).sum()]
     assert abs(terms.t.median() - median) < 0.06  # ≈ 0.30; U(eps, 1) would give ≈ 0.5
-    with pytest.raises(ValueError, match="importance"):
-        HOSMObjective(importance_sampling=True)(ScoreModel(make_net(2), VESDE()), VESDE(), x0, 1)
+    # an SDE without the proposal's closed form fails at the draw as at check_sde
+    with pytest.raises(ValueError, match="no 'importance' time proposal for LinearSigmaSDE"):
+        objective(ScoreModel(make_net(2), LinearSigmaSDE()), LinearSigmaSDE(), x0, 1)
 
 
 # -- bad inputs --------------------------------------------------------------------------------------

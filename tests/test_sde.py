@@ -1,6 +1,6 @@
 """The forward SDEs (core/sde.py) against independent float64 closed forms (docs/design.md §2): schedules,
-drift, prior, the time samplers (uniform and importance p(t) ∝ g²/σ², checked by numerical integration)
-and ``resolve_eps``, the one place where eps is chosen."""
+drift, prior and ``resolve_eps``, the one place where eps is chosen. The training times drawn on them are
+tested in tests/test_time_sampling.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from scipy.integrate import quad
 
 from hosm_lightning.core.sde import SDE, SubVPSDE, VESDE, VPSDE, bcast, make_sde
 
@@ -165,88 +164,6 @@ def test_pf_drift_broadcasts_over_images(name):
     torch.testing.assert_close(sde.f(x, t), -0.5 * beta[:, None, None, None] * x, rtol=1e-12, atol=0)
     # per-sample coefficients really differ per sample (not broadcast along a wrong axis)
     assert bcast(t, x).shape == (b, 1, 1, 1)
-
-
-# -- time sampling ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_sample_t_uniform(name):
-    sde = SDES[name]()
-    eps = 1e-3
-    t = sde.sample_t(100_000, eps, generator=torch.Generator().manual_seed(0))
-    assert t.shape == (100_000,)
-    assert t.min() >= eps and t.max() <= 1.0
-    # uniform on [eps, 1]: mean (1+eps)/2, and the CDF is linear
-    assert abs(t.double().mean().item() - (1 + eps) / 2) < 5 * 0.2887 / math.sqrt(t.numel())
-    for q in (0.1, 0.5, 0.9):
-        frac = (t.double() <= eps + q * (1 - eps)).double().mean().item()
-        assert abs(frac - q) < 0.01
-    t2 = sde.sample_t(100_000, eps, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(t, t2)
-
-
-def _rate(name, t: float) -> float:
-    """The importance density's unnormalised value g²(t)/σ²(t), from the references above."""
-    _, sigma, g2 = REFS[name](torch.tensor([t], dtype=torch.float64))
-    return float(g2 / sigma**2)
-
-
-def _integral(name, lo: float, hi: float) -> float:
-    """∫_lo^hi g²/σ² dt by adaptive quadrature (the integrand grows like 1/t near 0)."""
-    return quad(lambda t: _rate(name, t), lo, hi, epsabs=0, epsrel=1e-12, limit=500)[0]
-
-
-def _importance_cdf(name, eps, points):
-    """CDF of p(t) ∝ g²/σ² on [eps, 1] at ``points``, by quadrature."""
-    total = _integral(name, eps, 1.0)
-    return torch.tensor([_integral(name, eps, float(p)) / total for p in points], dtype=torch.float64)
-
-
-@pytest.mark.parametrize("name", ["vp", "subvp"])
-def test_cumulative_weight_increments_are_the_integral_of_g2_over_sigma2(name):
-    sde = SDES[name]()
-    assert sde.has_importance_sampler
-    ends = [1e-5, 1e-3, 0.05, 0.3, 1.0]
-    w = sde.cumulative_weight(torch.tensor(ends, dtype=torch.float64))
-    for lo, hi, dw in zip(ends, ends[1:], (w[1:] - w[:-1]).tolist()):
-        assert dw == pytest.approx(_integral(name, lo, hi), rel=1e-9), (lo, hi)
-
-
-@pytest.mark.parametrize("name,eps", [("vp", 1e-5), ("subvp", 1e-2)])
-def test_importance_t_inverts_the_cdf(name, eps):
-    sde = SDES[name]()
-    u = torch.tensor([0.0, 1e-3, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999, 1.0], dtype=torch.float64)
-    t = sde.importance_t(u, eps)
-    assert t.dtype == torch.float64 and bool((t[1:] > t[:-1]).all())
-    assert float(t[0]) == pytest.approx(eps, rel=1e-9) and float(t[-1]) == pytest.approx(1.0, abs=1e-12)
-    torch.testing.assert_close(_importance_cdf(name, eps, t), u, rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("name,eps", [("vp", 1e-5), ("subvp", 1e-2)])
-def test_sample_t_importance_matches_density(name, eps):
-    sde = SDES[name]()
-    n = 20_000
-    t = sde.sample_t(n, eps, generator=torch.Generator().manual_seed(5), importance=True)
-    assert t.shape == (n,)
-    assert t.min() >= eps and t.max() <= 1.0
-    points = torch.tensor([2 * eps, 10 * eps, 1e-3, 1e-2, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95], dtype=torch.float64)
-    points = points[points > eps]
-    cdf = _importance_cdf(name, eps, points)
-    ts = t.double().sort().values
-    emp = torch.searchsorted(ts, points, right=True).double() / n
-    ks = (emp - cdf).abs().max().item()
-    assert ks < 0.015, (ks, emp, cdf)  # 0.015 is 2.1 / sqrt(n): a KS p-value of ~3e-4
-    # the proposal is far from uniform (it piles up near eps): a uniform sampler would fail above
-    uni = (points - eps) / (1 - eps)
-    assert (uni - cdf).abs().max() > 0.1
-
-
-def test_importance_sampling_is_rejected_for_ve():
-    sde = VESDE()
-    assert not sde.has_importance_sampler
-    with pytest.raises(ValueError, match="importance"):
-        sde.sample_t(10, 1e-5, generator=torch.Generator().manual_seed(0), importance=True)
-    with pytest.raises(ValueError, match="importance"):
-        sde.cumulative_weight(torch.tensor([0.5]))
 
 
 # -- eps ----------------------------------------------------------------------------------------------

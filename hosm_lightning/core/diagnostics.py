@@ -21,6 +21,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import time_sampling
 from .mixtures import GaussianMixture
 from .ode import ODEOptions, ode_log_likelihood, ode_score
 from .score import ScoreFn
@@ -156,13 +157,8 @@ def kl_decomposition(
 
 
 def time_proposal(sde: SDE, u: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Times t(u) in [eps, T] for u in [0, 1] and 1/p(t): p(t) ∝ g²/σ² where the SDE has that
-    importance sampler (VP, subVP: it flattens integrands that scale like g²/σ²), else uniform (VE,
-    where g²/σ² is constant anyway)."""
-    if not sde.has_importance_sampler:
-        return eps + u * (sde.T - eps), torch.full_like(u, sde.T - eps)
-    lo, hi = sde.cumulative_weight(torch.tensor([eps, sde.T], dtype=torch.float64))
-    t = sde.importance_t(u, eps)
-    a, sigma = sde.marginal(t)
-    return t, (hi - lo) * sigma**2 / sde.g2(t)
-
+    """Times t(u) in [eps, T] for u in [0, 1] and 1/p(t), p(t) ∝ g²/σ² (core/time_sampling.py eq. 3.7):
+    it flattens integrands that scale like g²/σ² (uniform for VE, where g²/σ² is constant)."""
+    t = time_sampling.invert_cumulative(sde, "importance", u, eps)
+    ends = time_sampling.cumulative(sde, "importance", torch.tensor([eps, sde.T], dtype=torch.float64))
+    return t, (ends[1] - ends[0]) / time_sampling.proposal_density(sde, "importance", t)

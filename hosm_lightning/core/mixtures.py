@@ -113,6 +113,22 @@ class GaussianMixture:
         per_k = (u - s[:, None, :]) * a_k[..., None] - 2 * u / v
         return (resp[..., None] * per_k).sum(1) - 2 * torch.einsum("bij,bj->bi", hess, s)
 
+    def posterior_mean(self, x: Tensor, t, sde: SDE) -> Tensor:
+        """E[x_0 | x_t = x], shape [B, D]: sum_k w_k (mu_k + a var_k (x - a mu_k) / v_k)."""
+        _, resp, _, v = self._terms(x, t, sde)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        a = sde.marginal(t)[0][:, None, None]
+        mu, var = self.means.to(x)[None], self.variances.to(x)[None]
+        return (resp[..., None] * (mu + a * var * (x[:, None, :] - a * mu) / v)).sum(1)
+
+    def velocity(self, x: Tensor, t, sde: SDE) -> Tensor:
+        """The exact velocity E[a ε − σ x_0 | x_t = x] (ε = (x − a x_0)/σ), shape [B, D], from the
+        posterior mean alone (no score): a (x − a E[x_0])/σ − σ E[x_0]."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        a, sigma = (c[:, None] for c in sde.marginal(t))
+        mean_x0 = self.posterior_mean(x, t, sde)
+        return a * (x - a * mean_x0) / sigma - sigma * mean_x0
+
     def score_fn(self, sde: SDE):
         """Exact score as a ``score_fn(x, t)`` for losses / likelihood; x may be [B, D] or [B, ...]."""
 

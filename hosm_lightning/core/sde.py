@@ -32,8 +32,6 @@ class SDE:
     default_sample_eps: float = 1e-5
     #: std of the isotropic Gaussian prior pi = N(0, prior_std^2 I)
     prior_std: float = 1.0
-    #: whether :meth:`sample_t` can draw t from p(t) ∝ g²/σ² (closed-form cumulative weight)
-    has_importance_sampler: bool = False
 
     def resolve_eps(self, eps: float | None = None, *, sampling: bool = False) -> float:
         """The smallest time of a training step, a likelihood solve or (``sampling``) a sample.
@@ -82,46 +80,6 @@ class SDE:
         sq = z.flatten(1).pow(2).sum(1)
         return -0.5 * d * math.log(2 * math.pi * s2) - 0.5 * sq / s2
 
-    # -- time sampling --------------------------------------------------------------------------
-    def sample_t(
-        self,
-        n: int,
-        eps: float,
-        generator: torch.Generator | None = None,
-        device=None,
-        importance: bool = False,
-    ) -> Tensor:
-        """Training times t in [eps, T]: uniform, or importance-sampled with p(t) ∝ g²/σ².
-
-        The importance proposal turns the first-order ε-loss mean_D(σ s + z)² into an unbiased
-        (up to the constant Z = ∫ g²/σ² dt) estimate of the likelihood-weighted (λ = g²) DSM loss.
-        """
-        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        if not importance:
-            return (eps + u * (self.T - eps)).float()
-        return self.importance_t(u, eps).float()
-
-    def cumulative_weight(self, t: Tensor) -> Tensor:
-        """Unnormalised cumulative ∫ g²/σ² dt (up to a constant); only where ``has_importance_sampler``."""
-        raise ValueError(
-            f"{type(self).__name__} has no importance sampler for t; set importance sampling off "
-            "(it exists for VPSDE and SubVPSDE only)"
-        )
-
-    def importance_t(self, u: Tensor, eps: float) -> Tensor:
-        """t in [eps, T] with p(t) ∝ g²/σ² at quantiles u ∈ [0, 1] (float64): the cumulative weight
-        inverted by bisection (60 halvings: exact to 1e-18)."""
-        lo = torch.full_like(u, eps)
-        hi = torch.full_like(u, self.T)
-        w_lo, w_hi = self.cumulative_weight(lo[:1]), self.cumulative_weight(hi[:1])
-        target = w_lo + u * (w_hi - w_lo)
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            below = self.cumulative_weight(mid) < target
-            lo = torch.where(below, mid, lo)
-            hi = torch.where(below, hi, mid)
-        return 0.5 * (lo + hi)
-
 
 class _LinearBeta(SDE):
     """Shared schedule of VP and subVP: beta(t) = beta_min + t (beta_max - beta_min)."""
@@ -159,12 +117,6 @@ class VPSDE(_LinearBeta):
     def g2(self, t: Tensor) -> Tensor:
         return self.beta(t)
 
-    has_importance_sampler = True
-
-    def cumulative_weight(self, t: Tensor) -> Tensor:
-        # g²/σ² = β / (1 - e^{-B}) = d/dt log(e^B - 1)
-        return torch.log(torch.expm1(self.int_beta(t)))
-
 
 class SubVPSDE(_LinearBeta):
     """sub-VP: f = -1/2 beta x, g^2 = beta (1 - e^{-2B}), sigma = 1 - a^2 (no square root), prior N(0, I)."""
@@ -178,13 +130,6 @@ class SubVPSDE(_LinearBeta):
 
     def g2(self, t: Tensor) -> Tensor:
         return self.beta(t) * -torch.expm1(-2 * self.int_beta(t))
-
-    has_importance_sampler = True
-
-    def cumulative_weight(self, t: Tensor) -> Tensor:
-        # g²/σ² = β (1 + e^{-B}) / (1 - e^{-B}) = d/dt [2 log(e^B - 1) - B]
-        b = self.int_beta(t)
-        return 2 * torch.log(torch.expm1(b)) - b
 
 
 class VESDE(SDE):

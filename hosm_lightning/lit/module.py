@@ -48,9 +48,11 @@ class HOSMModule(L.LightningModule):
             (ToyScoreNet, SmallConvNet, DDPMpp, NCSNpp); the score wrapper calls it as
             ``net(x, t, sigma)`` with the SDE's noise level sigma = σ(t).
         sde: forward SDE (default ``VESDE()``, the paper's toy setting).
-        parameterization: 'eps' (s = -net/sigma) or 'score' (s = net).
-        objective: the DSM objective: λ₂, λ₃, eps, divergence, dsm2 form, probe product, importance
-            sampling (``core.HOSMObjective``; e.g. ``objective: {lambda2: 0.5, lambda3: 0.1}``).
+        parameterization: 'eps' (s = -net/sigma), 'score' (s = net) or 'velocity' (net predicts
+            v = a ε − σ x₀; ``nets.ScoreModel``).
+        objective: the objective: λ₂, λ₃, eps, divergence, second-order form, probe product, time
+            weighting and proposal, DSM or flow-matching higher orders (``core.HOSMObjective``; e.g.
+            ``objective: {lambda2: 0.5, lambda3: 0.1}``).
         stages: schedule of DSM orders, e.g. ``[{order: 1, steps: 2000}, {order: 3}]``.
         optimizer: optimizer factory (LightningCLI ``class_path``), default Adam.
         ode: probability-flow ODE solver settings of every solve (validation, test, plots, FID,
@@ -129,8 +131,9 @@ class HOSMModule(L.LightningModule):
         return bytes_to_model(x, spec.centered, levels=spec.levels) if x.dtype == torch.uint8 else x
 
     def losses(self, x0: Tensor, order: int, generator, term_grad_norms: bool = False) -> dict[str, Tensor]:
-        """Batch means of the DSM terms up to ``order`` and ``loss``, the mean of the per-sample loss
-        (3.5); with ``term_grad_norms`` also ``grad_norm_dsm<k>`` = ‖∇_θ dsm_k‖ of each unweighted term."""
+        """Batch means of the terms up to ``order`` (dsm1 and dsm2/dsm3 or fm2/fm3) and ``loss``, the mean
+        of the per-sample loss (3.5); with ``term_grad_norms`` also ``grad_norm_<term>`` = ‖∇_θ term‖ of
+        each unweighted term."""
         loss, terms = self.objective(self.score_model, self.sde, x0, order, generator)
         means = {k: v.mean() for k, v in terms.terms().items()}
         means["loss"] = loss.mean()
@@ -202,7 +205,7 @@ class HOSMModule(L.LightningModule):
         # gradient all-reduce; non-finite values reach the (all-reduced) gradients and are caught in
         # on_before_optimizer_step on every rank at once
         out = self.losses(x0, stage.order, self.generator("train", self.global_step, batch_idx), term_grad_norms=norms)
-        self.last_step = _StepRecord(idx, stage.order, {k: v.detach() for k, v in out.items() if k.startswith("dsm")},
+        self.last_step = _StepRecord(idx, stage.order, {k: v.detach() for k, v in out.items() if k.startswith(("dsm", "fm"))},
                                      torch.isfinite(x0).all())
         bs = x0.shape[0]
         for k, v in out.items():
@@ -296,7 +299,7 @@ class HOSMModule(L.LightningModule):
 
 
 #: metrics of validation_step (see HOSMModule._log_mean)
-_VAL_KEYS = ("dsm1", "dsm2", "dsm3", "loss", "nll", "nll_gap", "bpd", "nfe")
+_VAL_KEYS = ("dsm1", "dsm2", "dsm3", "fm2", "fm3", "loss", "nll", "nll_gap", "bpd", "nfe")
 
 
 @dataclasses.dataclass

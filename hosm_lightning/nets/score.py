@@ -22,7 +22,7 @@ from ..core.sde import SDE, bcast
 
 __all__ = ["ScoreModel", "PARAMETERIZATIONS"]
 
-PARAMETERIZATIONS = ("eps", "score")
+PARAMETERIZATIONS = ("eps", "score", "velocity")
 
 
 class ScoreModel(nn.Module):
@@ -32,8 +32,10 @@ class ScoreModel(nn.Module):
         net: module called as ``net(x, t, sigma)`` with x [B, ...], t [B] and sigma [B] = σ(t) =
             ``sde.marginal(t)[1]`` in x's dtype (networks that condition on t ignore sigma).
         sde: supplies σ(t) through ``sde.marginal(t) -> (a, sigma)``.
-        parameterization: ``'eps'`` (net predicts ε; s = -net(x, t, σ)/σ, broadcast over x's shape)
-            or ``'score'`` (net output is the score itself, e.g. NCSN++ that already divides by σ).
+        parameterization: ``'eps'`` (net predicts ε; s = -net(x, t, σ)/σ, broadcast over x's shape),
+            ``'score'`` (net output is the score itself, e.g. NCSN++ that already divides by σ) or
+            ``'velocity'`` (net predicts v = a ε − σ x₀ of x_t = a x₀ + σ ε, i-DODE's:
+            ε̂ = (a v̂ + σ x)/(a² + σ²), s = −ε̂/σ; any SDE, a² + σ² = 1 for VP).
     """
 
     def __init__(self, net: nn.Module, sde: SDE, parameterization: str = "eps"):
@@ -44,12 +46,16 @@ class ScoreModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        _, sigma = self.sde.marginal(t)
+        a, sigma = self.sde.marginal(t)
         sigma = sigma.to(x.dtype)
         out = self.net(x, t, sigma)
         if self.parameterization == "score":
             return out
-        return -out / bcast(sigma.to(out.dtype), out)
+        sigma = bcast(sigma.to(out.dtype), out)
+        if self.parameterization == "velocity":
+            a = bcast(a.to(out.dtype), out)
+            out = (a * out + sigma * x) / (a * a + sigma * sigma)
+        return -out / sigma
 
     def extra_repr(self) -> str:
         return f"parameterization={self.parameterization!r}, sde={self.sde!r}"
