@@ -81,12 +81,22 @@ def datamodule(name: str, batch: int = 64, steps: int = 100, seed: int = 0) -> I
                            seed=seed)
 
 
+#: first-order recipes of a pre-training, each with every fine-tune of it: the network's parameterisation and
+#: the HOSMObjective fields that go with it (the ε-prediction with σ² weighting is the paper's)
+BASES = {"sigma2": {"parameterization": "eps", "objective": {}},
+         "velocity": {"parameterization": "velocity",
+                      "objective": {"weighting": "likelihood", "time_proposal": "velocity"}}}
+
+
 def build_model(name: str, order: int = 1, lr: float = 2e-4, warmup: int = 0, init_from: str | None = None,
-                lambda2: float = 1.0, lambda3: float = 1.0, quick: bool = False) -> HOSMModule:
-    """DDPM++ under the VP SDE; order-2/3 terms with Hutchinson probes (the paper's image objective)."""
+                objective: dict | None = None, quick: bool = False, base: str = "sigma2") -> HOSMModule:
+    """DDPM++ under the VP SDE in ``base``'s parameterisation; order-2/3 terms with Hutchinson probes and
+    λ₂ = λ₃ = 1 (the paper's image objective), ``base``'s then ``objective``'s HOSMObjective fields over them."""
+    settings = {"lambda2": 1.0, "lambda3": 1.0, "eps": 1e-5, "divergence": "hutchinson",
+                **BASES[base]["objective"], **(objective or {})}
     return HOSMModule(
-        net=DDPMpp(**net_settings(name, quick)), sde=VPSDE(), parameterization="eps", stages=[{"order": order}],
-        objective=HOSMObjective(lambda2=lambda2, lambda3=lambda3, eps=1e-5, divergence="hutchinson"),
+        net=DDPMpp(**net_settings(name, quick)), sde=VPSDE(), parameterization=BASES[base]["parameterization"],
+        stages=[{"order": order}], objective=HOSMObjective(**settings),
         optimizer=lambda p: torch.optim.Adam(p, lr=lr),
         fit=FitOptions(warmup_steps=warmup, val_likelihood=False, check_finite_every=100, init_from=init_from),
     )
@@ -94,7 +104,7 @@ def build_model(name: str, order: int = 1, lr: float = 2e-4, warmup: int = 0, in
 
 def fit(name: str, root: Path, *, steps: int, order: int = 1, lr: float = 2e-4, warmup: int = 0, ema: float = 0.999,
         batch: int = 64, init_from: str | None = None, save_every: int | None = None, device: str = "cpu",
-        quick: bool = False) -> dict:
+        objective: dict | None = None, quick: bool = False, base: str = "sigma2") -> dict:
     """Train to ``steps`` (continuing the run's last.ckpt if there is one); {'ckpt': final, 'seconds': the
     training seconds of this folder so far, recorded in seconds.txt (so a cached stage reports its own)}."""
     root.mkdir(parents=True, exist_ok=True)
@@ -104,7 +114,7 @@ def fit(name: str, root: Path, *, steps: int, order: int = 1, lr: float = 2e-4, 
         return {"ckpt": final, "seconds": spent}
     dm = datamodule(name, batch)
     torch.manual_seed(0)  # the network's initial weights (a fine-tune loads init_from over them)
-    model = build_model(name, order, lr, warmup, init_from, quick=quick)
+    model = build_model(name, order, lr, warmup, init_from, objective, quick=quick, base=base)
     last = root / "ckpt" / "last.ckpt"
     trainer = L.Trainer(
         max_steps=steps, accelerator=device, devices=1, gradient_clip_val=1.0, default_root_dir=str(root), logger=False,
@@ -122,9 +132,10 @@ def fit(name: str, root: Path, *, steps: int, order: int = 1, lr: float = 2e-4, 
     return {"ckpt": final, "seconds": spent}
 
 
-def load(name: str, ckpt: Path, spec, device: str = "cpu", quick: bool = False) -> HOSMModule:
-    """The EMA weights of ``ckpt`` in evaluation mode on ``device``, with the data set's ``spec`` (levels, range)."""
-    model = build_model(name, quick=quick)
+def load(name: str, ckpt: Path, spec, device: str = "cpu", quick: bool = False, base: str = "sigma2") -> HOSMModule:
+    """The EMA weights of ``ckpt`` (trained from ``base``) in evaluation mode on ``device``, with the data set's
+    ``spec`` (levels, range)."""
+    model = build_model(name, quick=quick, base=base)
     load_weights(model, ckpt)
     model.data_spec = spec
     return model.eval().to(device)

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from hosm_lightning.checkpoints import load_weights
-from hosm_lightning.core import VESDE, HOSMObjective
+from hosm_lightning.core import HOSMObjective, make_sde
 from hosm_lightning.data import SyntheticDataModule
 from hosm_lightning.data.sharding import batch_tensor
 from hosm_lightning.data.synthetic import exact_logp_2d
@@ -79,12 +79,20 @@ def datamodule(dataset: str, batch: int, steps: int, test_size: int, seed: int =
                                steps_per_epoch=steps, val_size=16, test_size=test_size, seed=seed, **kw)
 
 
+#: objective settings a run may set in ``Run.extra`` (absent: the HOSMObjective default)
+OBJECTIVE_EXTRAS = ("weighting", "time_proposal", "higher_order", "order2_form")
+
+
 def build_model(dim: int, run: Run) -> HOSMModule:
-    """The toy MLP under the VE SDE with ``run``'s objective, optimizer and fit options."""
+    """The toy MLP with ``run``'s SDE (``extra['sde']``: 've' (default) or 'vp'), parameterisation
+    (``extra['parameterization']``, default 'eps'), objective, optimizer and fit options."""
+    objective = {k: run.extra[k] for k in OBJECTIVE_EXTRAS if k in run.extra}
     return HOSMModule(
-        net=ToyScoreNet(dim=dim), sde=VESDE(), parameterization="eps", stages=[{"order": run.order}],
+        net=ToyScoreNet(dim=dim), sde=make_sde(run.extra.get("sde", "ve")),
+        parameterization=run.extra.get("parameterization", "eps"), stages=[{"order": run.order}],
         objective=HOSMObjective(lambda2=run.lambda2, lambda3=run.lambda3, eps=1e-5, divergence=run.divergence,
-                                probe_product=run.probe_product, dsm3_sigma_cap=run.extra.get("dsm3_sigma_cap")),
+                                probe_product=run.probe_product, dsm3_sigma_cap=run.extra.get("dsm3_sigma_cap"),
+                                **objective),
         optimizer=lambda p: torch.optim.Adam(p, lr=run.lr),
         fit=FitOptions(warmup_steps=run.extra.get("warmup", 0), val_likelihood=False, check_finite_every=100,
                        init_from=run.init_from, grad_norm_every=run.grad_norm_every),
@@ -136,9 +144,11 @@ def exact_logq(dataset: str, x: torch.Tensor) -> torch.Tensor | None:
     return None if logq is None else logq.double()
 
 
-def model_logp(dataset: str, ckpt: Path, x: torch.Tensor, rtol: float = 1e-5, chunk: int = 5000) -> tuple:
-    """EMA weights of ``ckpt`` → exact ODE log p_eps(x) (float64 [N]), mean NFE, seconds."""
-    model = build_model(x.shape[1], Run())
+def model_logp(dataset: str, ckpt: Path, x: torch.Tensor, rtol: float = 1e-5, chunk: int = 5000,
+               run: Run | None = None) -> tuple:
+    """EMA weights of ``ckpt`` (trained by ``run``: its SDE and parameterisation) → exact ODE
+    log p_eps(x) (float64 [N]), mean NFE, seconds."""
+    model = build_model(x.shape[1], run or Run())
     load_weights(model, ckpt)
     ode = model.ode.replace(rtol=rtol, atol=rtol)
     model.eval()

@@ -16,7 +16,10 @@ from hosm_lightning.progress import format_duration
 from ._harness import markdown_table
 
 NAMES = {"pre": "first-order pre-training (start)", "control": "+ order 1 (control)", "order2": "+ order 2",
-         "order3": "+ order 3 (Hutchinson)"}
+         "order3": "+ order 3 (Hutchinson)", "fm2": "+ fm2 (flow matching, λ₂ = 1/D)",
+         "lw1": "+ order 1, likelihood weighting, importance t", "lw2": "+ order 2, likelihood weighting, importance t"}
+BASE_NAMES = {"sigma2": "ε-prediction, σ² weighting, uniform t (the paper's)",
+              "velocity": "velocity prediction, likelihood weighting, its proposal (i-DODE's)"}
 COLUMNS = (("uniform", "test bpd, uniform"), ("tn_k1", "test bpd, TN K=1"), ("tn_k8", "test bpd, TN K=8"),
            ("train_uniform", "train bpd, uniform"))
 
@@ -46,7 +49,7 @@ def _accuracy(info: dict, res: dict) -> str:
 def dataset_table(res: dict) -> str:
     header = ["model"] + [c[1] for c in COLUMNS] + ["FID ± s.e.", "KID ± s.d."]
     rows = []
-    for tag in ("pre", "control", "order2", "order3"):
+    for tag in [t for t in NAMES if t in res["rows"]]:
         r = res["rows"][tag]
         rows.append([NAMES[tag]] + [_cell(r[c], tag not in ("pre", "control")) for c, _ in COLUMNS]
                     + _quality(res["quality"]["models"].get(tag)))
@@ -54,6 +57,16 @@ def dataset_table(res: dict) -> str:
         se = f" ± {ref['se']:.4f}" if ref.get("se") is not None else ""
         rows.append([ref["name"], f"{ref['bpd']:.4f}{se}", "", "", "", "", ""])
     return markdown_table(header, rows)
+
+
+def paper_table(res: dict) -> str | None:
+    """Paired Δ of every fine-tune against the paper's recipe (order 2) on the same points, or None."""
+    tags = [t for t in NAMES if "delta_paper" in res["rows"].get(t, {}).get("uniform", {})]
+    if not tags:
+        return None
+    rows = [[NAMES[t]] + [f"{res['rows'][t][c]['delta_paper']:+.4f} ± {res['rows'][t][c]['delta_paper_se']:.4f}"
+                          for c, _ in COLUMNS] for t in tags]
+    return markdown_table(["fine-tune"] + [f"Δ {label} vs order 2" for _, label in COLUMNS], rows)
 
 
 def diagnostics_table(diag: dict) -> str:
@@ -74,14 +87,21 @@ def report(results: dict, args: dict, total: float) -> str:
              f"Hutchinson probes), mean ± s.e. ODE: dopri5, rtol = atol = {args['rtol']:g}.", ""]
     for name, res in results.items():
         pre, sec, fn, args = res["pre"], res["seconds"], res["quality"]["feature_net"], {**args, **res["budget"]}
-        lines += [f"## {name}: {res['shape']}, {res['levels']} grey levels", "",
+        base = res.get("base", "sigma2")
+        lines += [f"## {name}: {res['shape']}, {res['levels']} grey levels; first-order recipe: {BASE_NAMES[base]}", "",
                   f"{res['n_test']} test points ({args['k8_points']} for K = 8); train bpd on {res['n_test']} training "
                   f"points. Pre-training: {pre['steps']} steps, change of the paired test bits/dim over the last quarter "
                   f"{pre['last_quarter_change']:+.4f} ({'converged' if pre['converged'] else 'NOT converged'} by the "
                   f"< 0.01 rule). Fine-tunes: {args['finetune']} steps each. FID/KID: {args['samples']} samples per "
                   f"model against {res['n_train_items']} training items, features of a classifier ({_accuracy(fn, res)}).", "",
-                  dataset_table(res), "",
-                  f"Where the fine-tunes differ from the control: paired DSM terms per noise level on "
+                  dataset_table(res), ""]
+        vs_paper = paper_table(res)
+        if vs_paper:
+            lines += ["Paired against the paper's recipe (order 2 from the ε-prediction σ²-weighted pre-training"
+                      f"{'' if base == 'sigma2' else ', the --base sigma2 run'}) on the same points (negative: better "
+                      "than it):", "",
+                      vs_paper, ""]
+        lines += [f"Where the fine-tunes differ from the control: paired DSM terms per noise level on "
                   f"{res['diagnostics']['n']} test images (`diagnose` on images; each term is its order's "
                   f"matching error plus a constant, so a negative Δ is a smaller error there):", "",
                   diagnostics_table(res["diagnostics"]), "",

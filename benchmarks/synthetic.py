@@ -232,21 +232,28 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> str:
-    args = parse(argv)
+def toy_setup(args, choices, name: str) -> tuple[list, Path, Path, str]:
+    """The data sets, results folder, runs folder and header line of a toy benchmark's command line
+    (``--datasets``, ``--jobs``, ``--quick``, ``--out``, ``--runs``); one torch thread per process."""
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    bad = [d for d in datasets if d not in DATASETS]
+    bad = [d for d in datasets if d not in choices]
     if bad or not datasets:
-        raise SystemExit(f"--datasets: unknown {bad}; choose from {list(DATASETS)}")
+        raise SystemExit(f"--datasets: unknown {bad}; choose from {list(choices)}")
     if args.jobs < 1:
         raise SystemExit("--jobs must be >= 1")
-    scale = QUICK if args.quick else Scale()
     torch.set_num_threads(1)
-    out = Path(args.out or (ROOT / "runs" / "benchmark_synthetic_quick" if args.quick else ROOT / "benchmarks" / "results"))
+    out = Path(args.out or (ROOT / "runs" / f"benchmark_{name}_quick" if args.quick else ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    runs = Path(args.runs) if args.runs else (out / "runs" if args.quick else ROOT / "runs" / "benchmark_synthetic")
+    runs = Path(args.runs) if args.runs else (out / "runs" if args.quick else ROOT / "runs" / f"benchmark_{name}")
     header = (f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}: {os.cpu_count()} CPU cores, "
               f"torch {torch.__version__}, {args.jobs} worker processes × 1 thread.")
+    return datasets, out, runs, header
+
+
+def main(argv=None) -> str:
+    args = parse(argv)
+    datasets, out, runs, header = toy_setup(args, DATASETS, "synthetic")
+    scale = QUICK if args.quick else Scale()
     if args.sweep:
         text = sweep(scale, runs, out, args.jobs)["markdown"]
         text = text.replace("{HEADER}", header)

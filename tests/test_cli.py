@@ -298,6 +298,8 @@ ERRORS = {  # id: (arguments after the subcommand given the tiny config and a tm
     "objective": (lambda c, t: ["fit", "--config", c, "--model.objective.lambda2=-1"],
                   ["model.objective.lambda2 must be"]),
     "ode": (lambda c, t: ["fit", "--config", c, "--model.ode.rtol=0"], ["model.ode.rtol must be"]),
+    "time-proposal-pairing": (lambda c, t: ["fit", "--config", c, "--model.objective.time_proposal=importance"],
+                              ["model.objective.time_proposal", "weighting: likelihood"]),
     "fit-options": (lambda c, t: ["fit", "--config", c, "--model.fit.check_finite_every=-1"],
                     ["model.fit.check_finite_every must be"]),
     "evaluation": (lambda c, t: ["test", "--config", c, "--model.evaluation.num_repeats=0"],

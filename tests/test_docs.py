@@ -33,7 +33,7 @@ from helpers import ROOT
 #: override files and the base config each is composed on (LightningCLI's repeated --config)
 BASES = {"mog1d_order1": "mog1d", "mog1d_finetune": "mog1d", "swissroll": "checkerboard",
          "cifar10_vp_ddpmpp_deep": "cifar10_vp_ddpmpp", "cifar10_photos32": "cifar10_vp_ddpmpp",
-         "images_finetune": "digits"}
+         "images_finetune": "digits", "likelihood_weighting": "digits", "velocity": "digits"}
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
 TOY = [name for name in CONFIGS if "cifar10" not in name]
 STEPS = 4  # training steps of every shrunk run; its stages end at steps 2, 3 and 4
