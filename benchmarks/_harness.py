@@ -9,6 +9,8 @@ per row and Markdown tables (their progress lines come from :mod:`hosm_lightning
   resetting it through ``/proc/self/clear_refs``; else the increase of ``ru_maxrss``).
 * :func:`run_rows`: one function call per table row, each in a fresh worker process on the CPU, so that
   a row's peak resident set is not that of the rows before it.
+* :func:`worker_pool`: the spawn process pool of the long benchmarks, whose workers exit when the
+  benchmark's own process is gone (killed or stopped), instead of training on as orphans.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +32,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["sync", "Timing", "timed", "PeakMemory", "run_rows", "ratio", "markdown_table", "environment"]
+__all__ = ["sync", "Timing", "timed", "PeakMemory", "run_rows", "worker_pool", "ratio", "markdown_table",
+           "environment"]
 
 
 def sync(device: torch.device | str | None) -> None:
@@ -164,6 +168,22 @@ def run_rows(fn: Callable, jobs: list[tuple], *, isolate: bool) -> list:
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             out.append(pool.submit(_call, module, fn.__name__, tuple(job)).result())
     return out
+
+
+def worker_pool(workers: int, poll: float = 1.0) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes that each exit (status 1) within ``poll`` seconds of their
+    parent's end: a benchmark stopped by SIGTERM or SIGKILL leaves no worker training on."""
+    return ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                               initargs=(os.getpid(), poll))
+
+
+def _exit_with_parent(parent: int, poll: float) -> None:
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def ratio(value: float, base: float | None) -> str:

@@ -5,8 +5,6 @@ per-term gradients come from."""
 from __future__ import annotations
 
 import json
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from hosm_lightning.core import HOSMObjective, mean_se
 from hosm_lightning.core.diagnostics import sigma_grid
 from hosm_lightning.progress import Progress
 
+from ._harness import worker_pool
 from ._protocol import Run, build_model, datamodule, exact_logq, grad_norm_summary, model_logp, quiet, test_points
 from ._report import fmt_se
 
@@ -30,7 +29,7 @@ def logp_job(dataset: str, ckpt: str, n: int, rtol: float) -> torch.Tensor:
 
 def _evaluate(todo: dict, n: int, rtol: float, workers: int) -> dict:
     """log p [n] of every checkpoint in ``todo`` (key → path), on ``workers`` processes."""
-    with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool, \
+    with worker_pool(workers) as pool, \
             Progress(len(todo), "sweep: evaluated checkpoints") as progress:
         futs = {k: pool.submit(logp_job, "mog1d", str(c), n, rtol) for k, c in todo.items()}
         logp = {}

@@ -27,9 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ import torch
 from hosm_lightning.core import mean_se
 from hosm_lightning.progress import Progress
 
-from ._harness import markdown_table
+from ._harness import markdown_table, worker_pool
 from ._protocol import Run, exact_logq, model_logp, quiet, test_points
 from .synthetic import run_jobs, toy_setup
 
@@ -101,7 +100,7 @@ def _evaluate(dataset: str, ckpt: str, run: dict, n: int, rtol: float) -> dict:
 def evaluate(jobs: dict, scale: Scale, workers: int) -> dict:
     """``jobs``: key → (dataset, ckpt, Run); log p of each on its test points."""
     out = {}
-    with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool, \
+    with worker_pool(workers) as pool, \
             Progress(len(jobs), "evaluated checkpoints") as progress:
         futs = {pool.submit(_evaluate, d, str(c), asdict(r), scale.test_size[d], scale.rtol): k
                 for k, (d, c, r) in jobs.items()}

@@ -39,9 +39,8 @@ import json
 import os
 import platform
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -50,6 +49,7 @@ from hosm_lightning.progress import Progress, format_duration
 
 from . import ROOT
 from ._protocol import Run, train_job
+from ._harness import worker_pool
 
 DATASETS = ("mog1d", "checkerboard", "swissroll", "gmm2d")
 MIXTURES = ("mog1d", "gmm2d")
@@ -108,7 +108,7 @@ def run_jobs(jobs: dict, n_workers: int, batch: int) -> dict:
                 out[k] = train_job(d, str(r), asdict(run), batch)
                 progress.update(run.steps)
             return out
-        with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as pool:
+        with worker_pool(n_workers) as pool:
             futs = {pool.submit(train_job, d, str(r), asdict(run), batch): k for k, (d, r, run) in jobs.items()}
             done = {}
             for f in as_completed(futs):
@@ -208,7 +208,7 @@ def main_run(datasets, scale: Scale, runs: Path, out: Path, workers: int, quick:
     trained = run_jobs({f"{d}/{m}": jobs[(d, m)] for d, m in order}, workers, scale.batch)
     train_s = time.perf_counter() - start
     results = {}
-    with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool, \
+    with worker_pool(workers) as pool, \
             Progress(len(datasets), "evaluated datasets") as progress:
         futs = {pool.submit(evaluate_dataset, d, pre[d], {m: trained[f"{d}/{m}"] for (dd, m) in jobs if dd == d},
                             asdict(scale), str(out)): d for d in datasets}

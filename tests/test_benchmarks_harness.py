@@ -2,7 +2,10 @@
 processes per row and Markdown tables."""
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +49,42 @@ def test_run_rows_runs_each_row_in_a_fresh_process():
     pids = run_rows(os.getpid, [(), ()], isolate=True)
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert run_rows(os.getpid, [()], isolate=False) == [os.getpid()]
+
+
+_ORPHAN = """
+import os, time
+from benchmarks._harness import worker_pool
+pool = worker_pool(1, poll=0.2)
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 120)
+time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "State:\tZ" not in status.read_text()  # a zombie has exited; nobody may reap it here
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_worker_pool_workers_exit_with_their_parent():
+    """A benchmark killed outright (SIGKILL: no cleanup runs) leaves no worker behind."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN], cwd=root, stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    try:
+        time.sleep(0.5)
+        assert _running(worker)  # busy with its two-minute job
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker)
+    finally:
+        proc.kill()
+        if _running(worker):
+            os.kill(worker, 9)
