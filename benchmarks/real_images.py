@@ -219,8 +219,7 @@ def paper_evals(name: str, args, evals: dict) -> dict | None:
     run's own, or those cached by the ``--base sigma2`` run of the same settings; None if not computed yet."""
     if PAPER in evals and args.base == "sigma2":
         return evals[PAPER]
-    path = run_dir(name, argparse.Namespace(**{**vars(args), "base": "sigma2"})) / "evals.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
+    cached = im.Cache(run_dir(name, argparse.Namespace(**{**vars(args), "base": "sigma2"})) / "evals.json").data
     cols = {col: cached.get(f"{PAPER}:{col}:{len(v)}") for col, v in evals["control"].items()}
     if any(v is None for v in cols.values()):
         return None

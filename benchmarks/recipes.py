@@ -28,7 +28,7 @@ import argparse
 import json
 import time
 from concurrent.futures import as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from hosm_lightning.progress import Progress
 
 from ._harness import markdown_table, worker_pool
 from ._protocol import Run, exact_logq, model_logp, quiet, test_points
-from .synthetic import run_jobs, toy_setup
+from .synthetic import pre_run, run_jobs, toy_setup
 
 DATASETS = ("mog1d", "gmm2d")
 BASES = {
@@ -82,10 +82,9 @@ def method_run(pre_ckpt: str, method: str, base_extra: dict, dim: int, scale: Sc
                ema_start=0, save_every=scale.steps, init_from=pre_ckpt, extra=extra, **kw)
 
 
-def pre_run(dataset: str, base_extra: dict, scale: Scale) -> Run:
-    n = scale.pre_steps[dataset]
-    return Run(order=1, steps=n, lr=1e-3, ema_decay=0.999, ema_start=min(500, n // 4),
-               save_every=scale.pre_save_every, extra=dict(base_extra))
+def base_pre_run(dataset: str, base_extra: dict, scale: Scale) -> Run:
+    """The synthetic benchmark's first-order pre-training run with a base's SDE, weighting and parameterisation."""
+    return replace(pre_run(dataset, scale), extra=dict(base_extra))
 
 
 def _evaluate(dataset: str, ckpt: str, run: dict, n: int, rtol: float) -> dict:
@@ -116,7 +115,7 @@ def _final(res: dict) -> str:
 
 def run(datasets, scale: Scale, runs: Path, workers: int) -> dict:
     start = time.perf_counter()
-    pre_jobs = {f"{d}/{b}/pre": (d, runs, pre_run(d, extra, scale)) for d in datasets for b, (_, extra) in BASES.items()}
+    pre_jobs = {f"{d}/{b}/pre": (d, runs, base_pre_run(d, extra, scale)) for d in datasets for b, (_, extra) in BASES.items()}
     pre = run_jobs(pre_jobs, workers, scale.batch)
     jobs = {}
     for d in datasets:

@@ -161,13 +161,15 @@ class HOSMObjective:
             c = c_vector(der.s, zf, sigma)
             fro, tr = der.dsm2(c, sigma)
             r = der.residual(c, sigma) if order == 3 else None
-            high = {"dsm2": self._order2(fro, tr), "dsm3": dsm3(r) if r is not None else None}
             if self.higher_order == "flow":
                 flow = flow_terms(der, x0.to(ft).flatten(1), zf, p.xt.to(ft).flatten(1), p.mean_coef.to(ft), sigma, order)
-                high = {"fm2": self._order2(flow.full, flow.trace), "fm3": flow.fm3}
+                second, third = self._order2(flow.full, flow.trace), flow.fm3
+                high = {"fm2": second, "fm3": third}
+            else:
+                second, third = self._order2(fro, tr), dsm3(r) if r is not None else None
+                high = {"dsm2": second, "dsm3": third}
             terms = DSMTerms(dsm1=dsm1(der.s, zf, sigma), t=p.t, sigma=p.sigma, weight1=weight1.to(ft), **high,
                              dsm2_fro=fro.detach(), dsm2_tr=tr.detach(), r=r.detach() if r is not None else None)
-            second, third = (terms.fm2, terms.fm3) if self.higher_order == "flow" else (terms.dsm2, terms.dsm3)
             loss = terms.weight1 * terms.dsm1 + self.lambda2 * second
             if third is not None:
                 loss = loss + self.lambda3 * self.dsm3_weight(sigma) * third
